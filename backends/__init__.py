@@ -1,0 +1,1 @@
+"""fxq's backends: placement tables and lowering to runtime formats."""

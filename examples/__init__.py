@@ -1,0 +1,1 @@
+"""Example models and data that ship with fxq (nothing is downloaded)."""

@@ -1,0 +1,40 @@
+"""Options of ``fxq compile`` / ``fxq.compile_model``: one dataclass the CLI fills and the
+pipeline reads, so Python users and the CLI get the same defaults."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BACKENDS = ("onnx-qdq", "tensorrt")
+METHODS = ("rtn", "adaround", "brecq", "qdrop")
+GRANULARITIES = ("layer", "block", "stage", "net")
+LOSSES = ("mse", "fisher")
+PRESETS = ("fast", "paper")
+PREPROCESS = ("imagenet", "none")
+
+
+@dataclass
+class CompileOptions:
+    out_dir: Path = Path("fxq-out")
+    backend: str = "onnx-qdq"
+    target: str = "ort-cpu"
+    weight_bits: int = 8
+    act_bits: int = 8            # 32 = float activations (weight-only)
+    first_last_bits: int = 8     # first conv and last linear stay at this width (0 = no exception)
+    method: str = "rtn"
+    granularity: str = "block"
+    loss: str = "mse"
+    iters: int | None = None
+    preset: str = "fast"
+    seed: int = 0
+    calib_size: int | None = None
+    preprocess: str = "imagenet"
+    holdout: int = 32            # calibration samples held back to verify fidelity
+    bits: tuple[int, ...] | None = None
+    budget_ms: float | None = None
+    print_diff: bool = False
+    print_after: tuple[str, ...] = ()
+    debug: bool = False
+    json: bool = False
+    resume: bool = False
+    extra: dict = field(default_factory=dict)

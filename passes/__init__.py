@@ -1,0 +1,1 @@
+"""fxq's graph passes, each usable on its own from Python."""
