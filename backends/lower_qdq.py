@@ -1,0 +1,184 @@
+"""Lower a quantized fxq graph to ONNX QuantizeLinear/DequantizeLinear (the onnx-qdq backend).
+
+Float ops go through fxq's own FX->ONNX op table (``onnx_builder``); this module only adds what
+quantization needs, laid out the way ONNX Runtime on x86 fuses it:
+
+* weight quantizers -> integer initializer (int8; int4 for grids of <= 4 bits, opset 21) feeding
+  ``DequantizeLinear(axis=0)`` — weights are never stored in float, so no constant folding can
+  lose the Q/DQ;
+* activation quantizers -> ``QuantizeLinear``/``DequantizeLinear`` in uint8 with a zero point;
+  grids narrower than 8 bits add a ``Clip`` to the grid's real range before the uint8 Q, because
+  ONNX Runtime's optimizer rejects uint4 activations (the container stays uint8);
+* after emission, three graph clean-ups: conv/Gemm biases become int32 with scale
+  ``s_in * s_w`` (ONNX Runtime folds them into QLinearConv/QGemm), every activation DQ gets a
+  single consumer ("dedicated" pairs), and unused initializers are dropped.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from fxq.quantizers import ActQuantizer, WeightQuantizer
+
+OPSET = 21
+
+
+def _get_tensor(gm, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def int_tensor_proto(name: str, values: np.ndarray, bits: int, signed: bool = True) -> onnx.TensorProto:
+    if bits <= 4:
+        dtype = TensorProto.INT4 if signed else TensorProto.UINT4
+        return helper.make_tensor(name, dtype, values.shape, values.astype(np.int8 if signed else np.uint8).flatten().tolist())
+    return numpy_helper.from_array(values.astype(np.int8 if signed else np.uint8), name)
+
+
+def make_qdq_handler(gm):
+    def handler(ctx, node, module):
+        if isinstance(module, WeightQuantizer):
+            src = node.args[0]
+            w = _get_tensor(gm, src.target).detach() if src.op == "get_attr" else None
+            if w is None:
+                raise ValueError(f"weight quantizer {node.target} is not fed by a parameter")
+            q = module.int_weight(w).numpy()
+            base = ctx.fresh(src.target + "_quantized")
+            qname = ctx.initializer(int_tensor_proto(base, q, module.spec.bits))
+            sname = ctx.const(module.scale.detach().numpy().astype(np.float32), src.target + "_scale")
+            return ctx.node("DequantizeLinear", [qname, sname], 1, axis=module.spec.axis or 0)[0]
+        if isinstance(module, ActQuantizer):
+            x = ctx.value(node.args[0])
+            spec = module.spec
+            scale = float(module.scale)
+            zp = int(module.zero_point)
+            s = ctx.const(np.array(scale, dtype=np.float32), node.name + "_scale")
+            z = ctx.initializer(numpy_helper.from_array(np.array(zp, dtype=np.uint8 if not spec.signed else np.int8),
+                                                        ctx.fresh(node.name + "_zero_point")))
+            if spec.bits < 8:
+                lo = ctx.const(np.array((spec.qmin - zp) * scale, dtype=np.float32), node.name + "_lo")
+                hi = ctx.const(np.array((spec.qmax - zp) * scale, dtype=np.float32), node.name + "_hi")
+                x = ctx.node("Clip", [x, lo, hi], 1)[0]
+            q = ctx.node("QuantizeLinear", [x, s, z], 1)[0]
+            return ctx.node("DequantizeLinear", [q, s, z], 1)[0]
+        raise ValueError(f"no ONNX lowering for module {type(module).__name__} ({node.target})")
+
+    return handler
+
+
+# ---------------------------------------------------------------- ONNX graph clean-ups
+
+
+def _producers(graph):
+    return {o: n for n in graph.node for o in n.output}
+
+
+def _consumers(graph):
+    out = {}
+    for n in graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def quantize_biases(model: onnx.ModelProto) -> int:
+    """Float bias of a DQ-fed Conv/Gemm -> int32 initializer + DequantizeLinear(s_in * s_w)."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    prod = _producers(g)
+    done = 0
+    new_nodes = []
+    for node in g.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        dq_x, dq_w = prod.get(node.input[0]), prod.get(node.input[1])
+        if not (dq_x is not None and dq_w is not None and dq_x.op_type == dq_w.op_type == "DequantizeLinear"):
+            continue
+        sx, sw = inits.get(dq_x.input[1]), inits.get(dq_w.input[1])
+        if sx is None or sw is None:
+            continue
+        sx, sw = numpy_helper.to_array(sx).astype(np.float64), numpy_helper.to_array(sw).astype(np.float64)
+        if sx.size != 1:
+            continue
+        bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+        scale = (sx.reshape(()) * np.broadcast_to(sw, bias.shape)).astype(np.float32)
+        qb = np.clip(np.round(bias / scale.astype(np.float64)), -2**31, 2**31 - 1).astype(np.int32)
+        base = node.input[2]
+        g.initializer.append(numpy_helper.from_array(qb, base + "_int32"))
+        g.initializer.append(numpy_helper.from_array(scale, base + "_int32_scale"))
+        out = base + "_dequantized_" + str(done)
+        new_nodes.append((node, helper.make_node("DequantizeLinear", [base + "_int32", base + "_int32_scale"], [out],
+                                                 axis=0, name=out)))
+        node.input[2] = out
+        done += 1
+    _insert_before(g, new_nodes)
+    return done
+
+
+def _insert_before(g, pairs):
+    if not pairs:
+        return
+    order = list(g.node)
+    before = {}
+    for consumer, new in pairs:
+        before.setdefault(id(consumer), []).append(new)
+    del g.node[:]
+    for n in order:
+        g.node.extend(before.get(id(n), []))
+        g.node.append(n)
+
+
+def dedicate_dequantize(model: onnx.ModelProto) -> int:
+    """Give every activation DequantizeLinear a single consumer (ONNX Runtime groups node units
+    around dedicated DQs)."""
+    g = model.graph
+    cons = _consumers(g)
+    graph_outputs = {o.name for o in g.output}
+    pairs = []
+    count = 0
+    for node in list(g.node):
+        if node.op_type != "DequantizeLinear":
+            continue
+        users = cons.get(node.output[0], [])
+        if len(users) + (node.output[0] in graph_outputs) <= 1:
+            continue
+        for k, user in enumerate(users[1:], start=1):
+            name = f"{node.output[0]}_c{k}"
+            clone = helper.make_node("DequantizeLinear", list(node.input), [name], name=name)
+            clone.attribute.extend(node.attribute)
+            for j, inp in enumerate(user.input):
+                if inp == node.output[0]:
+                    user.input[j] = name
+            pairs.append((user, clone))
+            count += 1
+    _insert_before(g, pairs)
+    return count
+
+
+def prune_initializers(model: onnx.ModelProto) -> int:
+    g = model.graph
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [t for t in g.initializer if t.name in used]
+    removed = len(g.initializer) - len(keep)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return removed
+
+
+def lower_qdq(gm, opts=None, quantized: bool = True) -> onnx.ModelProto:
+    """ONNX QDQ model of ``gm``; with ``quantized=False`` the float graph (quantizers skipped)."""
+    from fxq.backends.onnx_builder import lower_to_onnx
+
+    ex = gm.meta["fxq.example_inputs"]
+    handler = make_qdq_handler(gm) if quantized else None
+    model = lower_to_onnx(gm, ex, opset=OPSET, module_handler=handler)
+    if quantized:
+        quantize_biases(model)
+        dedicate_dequantize(model)
+    prune_initializers(model)
+    onnx.checker.check_model(model)
+    return model

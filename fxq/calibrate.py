@@ -1,0 +1,76 @@
+"""Calibration of activation quantizers: stream the calibration set through the graph once
+with every ActQuantizer observing, then fix scales by the Lp clipping search."""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+from torch import fx
+
+from fxq.quantizers import ActQuantizer
+
+
+def batches(data: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Fixed-size batches (the captured graph has a static batch); a short tail is dropped
+    unless it is the only batch, in which case it is repeated up to size."""
+    n = data.shape[0]
+    if n < batch_size:
+        reps = -(-batch_size // max(n, 1))
+        yield data.repeat(reps, *([1] * (data.dim() - 1)))[:batch_size]
+        return
+    for i in range(0, n - batch_size + 1, batch_size):
+        yield data[i:i + batch_size]
+
+
+def graph_batch_size(gm: fx.GraphModule) -> int:
+    ex = gm.meta.get("fxq.example_inputs")
+    return int(ex[0].shape[0]) if ex else 1
+
+
+def set_act_mode(gm: fx.GraphModule, mode: str) -> None:
+    for mod in gm.modules():
+        if isinstance(mod, ActQuantizer):
+            mod.mode = mode
+
+
+@torch.no_grad()
+def calibrate_activations(gm: fx.GraphModule, data: torch.Tensor, search: bool = True,
+                          progress=None) -> dict:
+    quantizers = [m for m in gm.modules() if isinstance(m, ActQuantizer)]
+    if not quantizers:
+        return {"activation_quantizers": 0}
+    for q in quantizers:
+        q._reset_observations()
+    set_act_mode(gm, "observe")
+    bs = graph_batch_size(gm)
+    chunks = list(batches(data, bs))
+    task = progress.add_task("calibrating activations", total=len(chunks)) if progress else None
+    try:
+        for chunk in chunks:
+            gm(chunk)
+            if progress:
+                progress.advance(task)
+    finally:
+        set_act_mode(gm, "quantize")
+    for q in quantizers:
+        q.finalize_calibration(search=search)
+    return {"activation_quantizers": len(quantizers), "batches": len(chunks),
+            "nonfinite_values": sum(q.nonfinite for q in quantizers)}
+
+
+@torch.no_grad()
+def run_batched(gm: fx.GraphModule, data: torch.Tensor) -> torch.Tensor:
+    """Outputs of ``gm`` on every sample of ``data`` (the static batch is respected)."""
+    bs = graph_batch_size(gm)
+    outs = []
+    n = data.shape[0]
+    for i in range(0, n, bs):
+        chunk = data[i:i + bs]
+        real = chunk.shape[0]
+        if real < bs:
+            chunk = torch.cat([chunk, chunk[-1:].expand(bs - real, *chunk.shape[1:])])
+        out = gm(chunk)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        outs.append(out[:real])
+    return torch.cat(outs)

@@ -1,0 +1,254 @@
+"""The compile recipe: a short, readable list of passes and stages.
+
+    capture -> canonicalize -> fold_batchnorm -> detect_blocks -> annotate_qspecs
+            -> materialize_quantizers -> calibrate -> lower (ONNX QDQ) -> verify in ONNX Runtime
+
+Everything here is callable from Python: ``compile_model(loaded, calib, CompileOptions(...))``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from fxq import ops
+from fxq.errors import FxqError
+from fxq.options import CompileOptions
+
+
+class StageTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+def _unsupported(opts: CompileOptions) -> None:
+    todo = []
+    if opts.method != "rtn":
+        todo.append(f"--method {opts.method} (block reconstruction)")
+    if opts.budget_ms is not None or opts.bits is not None:
+        todo.append("--budget-ms/--bits (mixed precision search)")
+    if opts.backend != "onnx-qdq":
+        todo.append(f"--backend {opts.backend}")
+    if opts.resume:
+        todo.append("--resume")
+    if todo:
+        raise FxqError(f"Not implemented yet in this version of fxq: {', '.join(todo)}.",
+                       "Use --method rtn with --backend onnx-qdq and uniform --weight-bits/--act-bits for now.")
+
+
+def split_holdout(data: torch.Tensor, holdout: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Hold back the last samples for verification; with too few samples, verify on calib data."""
+    n = data.shape[0]
+    hold = min(holdout, n // 4)
+    if hold < 1:
+        return data, data, False
+    return data[:-hold], data[-hold:], True
+
+
+def build_passes(opts: CompileOptions, table):
+    from fxq.passes.annotate_qspecs import AnnotateQSpecs
+    from fxq.passes.canonicalize import Canonicalize
+    from fxq.passes.detect_blocks import DetectBlocks
+    from fxq.passes.fold_batchnorm import FoldBatchNorm
+    from fxq.passes.materialize_quantizers import MaterializeQuantizers
+
+    passes = [Canonicalize()]
+    if table.fold_batchnorm:
+        passes.append(FoldBatchNorm())
+    passes += [
+        DetectBlocks(opts.granularity),
+        AnnotateQSpecs(table, weight_bits=opts.weight_bits, act_bits=opts.act_bits,
+                       first_last_bits=opts.first_last_bits),
+        MaterializeQuantizers(),
+    ]
+    return passes
+
+
+def quantize_graph(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions, console=None,
+                   progress=None, timer: StageTimer | None = None):
+    """Run the pass pipeline and calibration on a captured graph. Returns (gm, pass_manager)."""
+    from fxq.backends.tables import get_backend
+    from fxq.calibrate import calibrate_activations
+    from fxq.passes.infra import PassManager
+
+    timer = timer or StageTimer()
+    table = get_backend(opts.backend)
+    observers = []
+    if console is not None and (opts.print_diff or opts.print_after):
+        from fxq.diff import diff_observer
+
+        observers.append(diff_observer(console, None if opts.print_diff else set(), set(opts.print_after)))
+    pm = PassManager(build_passes(opts, table), verify=opts.debug, observers=observers,
+                     wants_snapshots=bool(observers))
+    with timer.stage("passes"):
+        gm = pm.run(gm)
+    with timer.stage("calibrate"):
+        calibrate_activations(gm, calib, progress=progress)
+    return gm, pm
+
+
+def layer_table(gm: fx.GraphModule) -> list[dict]:
+    from fxq.passes.infra import QSPEC, REGION
+
+    rows = []
+    for node in gm.graph.nodes:
+        if not ops.is_layer(node):
+            continue
+        spec = node.meta.get(QSPEC) or {}
+        w = spec.get("weight")
+        a = spec.get("inputs", {}).get(0)
+        rows.append({"name": ops.layer_name(node), "node": node.name, "op": str(node.target).replace("aten.", ""),
+                     "weight_bits": w.bits if w else 32, "act_bits": a.bits if a else 32,
+                     "region": node.meta.get(REGION)})
+    return rows
+
+
+def _top1(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    if a.dim() != 2 or a.shape[1] < 2:
+        return None
+    return float((a.argmax(1) == b.argmax(1)).float().mean())
+
+
+def fidelity(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
+    ref, cand = reference.float().reshape(reference.shape[0], -1), candidate.float().reshape(candidate.shape[0], -1)
+    cos = torch.nn.functional.cosine_similarity(ref, cand, dim=1).mean()
+    out = {"top1_agreement": _top1(reference.reshape(reference.shape[0], -1), candidate.reshape(candidate.shape[0], -1)),
+           "max_abs_diff": float((ref - cand).abs().max()), "mean_cosine": float(cos), "samples": int(ref.shape[0])}
+    if out["top1_agreement"] is not None:
+        p = torch.log_softmax(ref, 1)
+        q = torch.log_softmax(cand, 1)
+        out["mean_kl"] = float((p.exp() * (p - q)).sum(1).mean())
+    return out
+
+
+def run_onnx(model_bytes: bytes, data: torch.Tensor, batch: int, threads: int = 2) -> torch.Tensor:
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    outs = []
+    for i in range(0, data.shape[0], batch):
+        chunk = data[i:i + batch]
+        real = chunk.shape[0]
+        if real < batch:
+            chunk = torch.cat([chunk, chunk[-1:].expand(batch - real, *chunk.shape[1:])])
+        outs.append(torch.from_numpy(np.asarray(sess.run(None, {name: chunk.numpy()})[0]))[:real])
+    return torch.cat(outs)
+
+
+def export_fake_quant(gm: fx.GraphModule, path: Path) -> None:
+    from fxq.atomic import atomic_path
+
+    ex = gm.meta["fxq.example_inputs"]
+    ep = torch.export.export(gm, tuple(ex), strict=False)
+    with atomic_path(path) as tmp:
+        torch.export.save(ep, str(tmp))
+
+
+def compile_model(loaded, calib: torch.Tensor, opts: CompileOptions, console=None) -> dict:
+    """Compile ``loaded`` (an ``fxq.loading.LoadedModel`` or an (module, example_inputs) pair)."""
+    from rich.progress import Progress
+
+    from fxq.atomic import atomic_write_bytes, atomic_write_text, ensure_output_dir
+    from fxq.backends.lower_qdq import lower_qdq
+    from fxq.calibrate import graph_batch_size, run_batched
+    from fxq.capture import capture
+
+    _unsupported(opts)
+    torch.manual_seed(opts.seed)
+    timer = StageTimer()
+    out_dir = ensure_output_dir(Path(opts.out_dir))
+    module, example_inputs = (loaded.module, loaded.example_inputs) if hasattr(loaded, "module") else loaded
+
+    calib_set, holdout, held_out = split_holdout(calib, opts.holdout)
+    with timer.stage("capture"):
+        gm = capture(module, example_inputs)
+    float_gm = copy.deepcopy(gm)
+
+    with Progress(console=console, transient=True, disable=console is None) as progress:
+        gm, pm = quantize_graph(gm, calib_set, opts, console=console, progress=progress, timer=timer)
+
+    batch = graph_batch_size(gm)
+    with timer.stage("lower"):
+        onnx_model = lower_qdq(gm, opts)
+        onnx_bytes = onnx_model.SerializeToString()
+        float_bytes = lower_qdq(float_gm, opts, quantized=False).SerializeToString()
+    with timer.stage("verify"):
+        ort_out = run_onnx(onnx_bytes, holdout, batch)
+        fq_out = run_batched(gm, holdout)
+        float_out = run_batched(float_gm, holdout)
+        verification = {
+            "holdout_samples": int(holdout.shape[0]),
+            "held_out": held_out,
+            "onnx_vs_fake_quant": fidelity(fq_out, ort_out),
+            "onnx_vs_float": fidelity(float_out, ort_out),
+            "fake_quant_vs_float": fidelity(float_out, fq_out),
+        }
+    with timer.stage("latency"):
+        from fxq.ort_timing import measure_latency
+
+        x = holdout[:batch].numpy() if holdout.shape[0] >= batch else example_inputs[0].numpy()
+        lat_q = measure_latency(onnx_bytes, x, threads=2, warmup=5, runs=30)
+        lat_f = measure_latency(float_bytes, x, threads=2, warmup=5, runs=30)
+    with timer.stage("write"):
+        atomic_write_bytes(out_dir / "model.onnx", onnx_bytes)
+        export_fake_quant(gm, out_dir / "model.pt2")
+
+    regions = gm.meta.get("fxq.regions", [])
+    report = {
+        "fxq_version": __import__("fxq").__version__,
+        "model": getattr(loaded, "source", type(module).__name__),
+        "input_shape": list(example_inputs[0].shape),
+        "backend": opts.backend,
+        "target": opts.target,
+        "method": opts.method,
+        "granularity": opts.granularity,
+        "seed": opts.seed,
+        "weight_bits": opts.weight_bits,
+        "act_bits": opts.act_bits,
+        "first_last_bits": opts.first_last_bits,
+        "calibration_samples": int(calib_set.shape[0]),
+        "budget_ms": opts.budget_ms,
+        "latency": {"batch": batch, "threads": 2, "predicted_ms": None,
+                    "measured_ms": lat_q["median_ms"], "float_measured_ms": lat_f["median_ms"],
+                    "speedup_vs_float": round(lat_f["median_ms"] / lat_q["median_ms"], 3)},
+        "layers": layer_table(gm),
+        "regions": [dict(r.to_json(), loss_before=None, loss_after=None) for r in regions],
+        "passes": [{"name": name, "modified": res.modified, "stats": _jsonable(res.stats)} for name, res in pm.history],
+        "verification": verification,
+        "artifacts": {"model.onnx": len(onnx_bytes), "float_onnx_bytes": len(float_bytes)},
+        "timings_s": timer.seconds,
+    }
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
+    return report
+
+
+def _jsonable(stats: dict) -> dict:
+    out = {}
+    for k, v in stats.items():
+        if k == "regions":
+            out["regions"] = len(v)
+        elif isinstance(v, (int, float, str, bool, type(None))):
+            out[k] = v
+        elif isinstance(v, dict):
+            out[k] = {str(a): b for a, b in v.items() if isinstance(b, (int, float, str, bool, type(None)))}
+        elif isinstance(v, (list, tuple)):
+            out[k] = [x if isinstance(x, (int, float, str, bool)) else str(x) for x in v]
+    return out

@@ -1,0 +1,214 @@
+"""Quantization specs and the fake-quantizer modules that materialize them in the graph.
+
+A ``QSpec`` is a frozen decision (bits, signedness, granularity); backends' placement tables
+produce them, ``annotate_qspecs`` attaches them to graph edges, ``materialize_quantizers`` turns
+them into the modules below. Quantizers are ``call_module`` nodes so that one module called
+twice means one set of shared scales (a quantizer shared across transparent ops, a weight shared
+by a module called twice).
+
+Numerics follow ONNX QuantizeLinear/DequantizeLinear exactly: q = clamp(round_half_even(x / s)
++ z, qmin, qmax); x' = (q - z) * s. ``torch.round`` rounds half to even, like ONNX.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class QSpec:
+    bits: int
+    signed: bool          # int grid (weights) or uint grid (activations)
+    symmetric: bool       # zero point fixed at 0
+    per_channel: bool
+    axis: int | None = None
+    narrow: bool = False  # signed grid without its most negative value ([-127, 127] at 8 bits)
+
+    @property
+    def qmin(self) -> int:
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
+
+    def describe(self) -> str:
+        kind = ("int" if self.signed else "uint") + str(self.bits)
+        gran = f"per-channel axis{self.axis}" if self.per_channel else "per-tensor"
+        sym = "sym" if self.symmetric else "asym"
+        return f"{kind} {sym} {gran}"
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"qmin": self.qmin, "qmax": self.qmax}
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+LP_NORM = 2.4  # the reference's clipping-search exponent: between MSE and max-error
+
+
+def _broadcast_shape(t: torch.Tensor, axis: int) -> list[int]:
+    shape = [1] * t.dim()
+    shape[axis] = -1
+    return shape
+
+
+def search_weight_scale(w: torch.Tensor, spec: QSpec, grid: int = 100, p: float = LP_NORM) -> torch.Tensor:
+    """Per-channel symmetric scale minimizing the Lp rounding error over clipping ratios.
+
+    Returns a 1-D scale tensor (one per channel of ``spec.axis``)."""
+    axis = spec.axis or 0
+    wc = w.detach().float().transpose(0, axis).reshape(w.shape[axis], -1)
+    amax = wc.abs().amax(dim=1).clamp_min(1e-12)
+    best_err = torch.full_like(amax, float("inf"))
+    best_scale = amax / spec.qmax
+    for ratio in torch.linspace(1.0, 0.3, grid):
+        scale = (amax * ratio / spec.qmax).clamp_min(1e-12)
+        err = (fake_quantize(wc, scale[:, None], torch.zeros(()), spec.qmin, spec.qmax) - wc).abs().pow(p).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    return best_scale
+
+
+def search_activation_range(sample: torch.Tensor, lo: float, hi: float, spec: QSpec,
+                            grid: int = 80, p: float = LP_NORM) -> tuple[float, float]:
+    """Clipping range [lo', hi'] ⊆ [lo, hi] minimizing the Lp error on ``sample``."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)  # the grid must represent 0 exactly (padding, ReLU)
+    if hi - lo < 1e-12:
+        return lo, hi
+    best = (float("inf"), lo, hi)
+    for ratio in torch.linspace(1.0, 0.2, grid).tolist():
+        clo, chi = lo * ratio, hi * ratio
+        scale, zp = range_to_qparams(clo, chi, spec)
+        err = (fake_quantize(sample, scale, zp, spec.qmin, spec.qmax) - sample).abs().pow(p).mean().item()
+        if err < best[0]:
+            best = (err, clo, chi)
+    return best[1], best[2]
+
+
+def range_to_qparams(lo: float, hi: float, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if spec.symmetric:
+        amax = max(abs(lo), abs(hi))
+        scale = max(amax / spec.qmax, 1e-8)
+        zp = 0.0
+    else:
+        scale = max((hi - lo) / (spec.qmax - spec.qmin), 1e-8)
+        zp = float(min(max(round(spec.qmin - lo / scale), spec.qmin), spec.qmax))
+    return torch.tensor(scale, dtype=torch.float32), torch.tensor(zp, dtype=torch.float32)
+
+
+class WeightQuantizer(nn.Module):
+    """Per-channel symmetric fake-quantizer for a layer weight (round-to-nearest).
+
+    ``scale`` is frozen at materialization by the Lp clipping search. Reconstruction methods
+    subclass or replace the rounding; the lowering only reads ``int_weight()`` and ``scale``.
+    """
+
+    def __init__(self, spec: QSpec, weight: torch.Tensor, layer: str):
+        super().__init__()
+        self.spec = spec
+        self.layer = layer
+        self.register_buffer("scale", search_weight_scale(weight, spec))
+        self.enabled = True
+
+    def _scale_view(self, w: torch.Tensor) -> torch.Tensor:
+        return self.scale.reshape(_broadcast_shape(w, self.spec.axis or 0))
+
+    def int_weight(self, w: torch.Tensor) -> torch.Tensor:
+        q = torch.round(w / self._scale_view(w))
+        return torch.clamp(q, self.spec.qmin, self.spec.qmax).to(torch.int32)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        return fake_quantize(w, self._scale_view(w), torch.zeros((), device=w.device), self.spec.qmin, self.spec.qmax)
+
+    def describe(self) -> str:
+        return f"wq {self.spec.describe()}"
+
+    def extra_repr(self) -> str:
+        return f"{self.layer}: {self.spec.describe()}"
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor fake-quantizer for an activation.
+
+    Modes: ``observe`` (records min/max and a random value sample, passes x through unchanged),
+    ``quantize`` (fake-quantizes), ``off``. ``finalize_calibration`` turns observations into
+    scale/zero point with the Lp clipping search.
+    """
+
+    SAMPLE_PER_CALL = 4096
+    SAMPLE_CAP = 1 << 18
+
+    def __init__(self, spec: QSpec, source: str):
+        super().__init__()
+        self.spec = spec
+        self.source = source
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0.0))
+        self.mode = "quantize"
+        self.calibrated = False
+        self._reset_observations()
+
+    def _reset_observations(self):
+        self._lo = float("inf")
+        self._hi = float("-inf")
+        self._samples: list[torch.Tensor] = []
+        self._sampled = 0
+        self.nonfinite = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "observe":
+            self._observe(x)
+            return x
+        if self.mode == "off":
+            return x
+        return fake_quantize(x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax)
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1).float()
+        finite = torch.isfinite(flat)
+        if not bool(finite.all()):
+            self.nonfinite += int((~finite).sum())
+            flat = flat[finite]
+        if flat.numel() == 0:
+            return
+        self._lo = min(self._lo, float(flat.min()))
+        self._hi = max(self._hi, float(flat.max()))
+        if self._sampled < self.SAMPLE_CAP:
+            gen = torch.Generator().manual_seed(len(self._samples))
+            take = min(self.SAMPLE_PER_CALL, flat.numel())
+            idx = torch.randint(flat.numel(), (take,), generator=gen)
+            self._samples.append(flat[idx].cpu())
+            self._sampled += take
+
+    def finalize_calibration(self, search: bool = True) -> None:
+        if self._lo == float("inf"):  # never saw a finite value: keep a harmless unit grid
+            lo, hi = 0.0, 1.0
+        else:
+            lo, hi = self._lo, self._hi
+            if search and self._samples:
+                lo, hi = search_activation_range(torch.cat(self._samples), lo, hi, self.spec)
+        scale, zp = range_to_qparams(lo, hi, self.spec)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp)
+        self.calibrated = True
+        self.observed_range = (self._lo, self._hi)
+        self._samples = []
+
+    def describe(self) -> str:
+        return f"aq {self.spec.describe()}"
+
+    def extra_repr(self) -> str:
+        return f"{self.source}: {self.spec.describe()}"
