@@ -9,7 +9,8 @@ quantization needs, laid out the way ONNX Runtime on x86 fuses it:
 * activation quantizers -> ``QuantizeLinear``/``DequantizeLinear`` in uint8 with a zero point;
   grids narrower than 8 bits add a ``Clip`` to the grid's real range before the uint8 Q, because
   ONNX Runtime's optimizer rejects uint4 activations (the container stays uint8);
-* after emission, three graph clean-ups: conv/Gemm biases become int32 with scale
+* after emission, graph clean-ups: constant-zero ``Pad`` folds into the next Conv's pads;
+  conv/Gemm biases become int32 with scale
   ``s_in * s_w`` (ONNX Runtime folds them into QLinearConv/QGemm), every activation DQ gets a
   single consumer ("dedicated" pairs), and unused initializers are dropped.
 """
@@ -39,6 +40,14 @@ def int_tensor_proto(name: str, values: np.ndarray, bits: int, signed: bool = Tr
     return numpy_helper.from_array(values.astype(np.int8 if signed else np.uint8), name)
 
 
+def add_initializer(ctx, proto: onnx.TensorProto) -> str:
+    """Register a ready-made TensorProto (e.g. int4, which numpy cannot hold) with the builder."""
+    proto.name = ctx.fresh(proto.name)
+    ctx.initializers.append(proto)
+    ctx._initializer_names.add(proto.name)
+    return proto.name
+
+
 def make_qdq_handler(gm):
     def handler(ctx, node, module):
         if isinstance(module, WeightQuantizer):
@@ -47,8 +56,7 @@ def make_qdq_handler(gm):
             if w is None:
                 raise ValueError(f"weight quantizer {node.target} is not fed by a parameter")
             q = module.int_weight(w).numpy()
-            base = ctx.fresh(src.target + "_quantized")
-            qname = ctx.initializer(int_tensor_proto(base, q, module.spec.bits))
+            qname = add_initializer(ctx, int_tensor_proto(src.target + "_quantized", q, module.spec.bits))
             sname = ctx.const(module.scale.detach().numpy().astype(np.float32), src.target + "_scale")
             return ctx.node("DequantizeLinear", [qname, sname], 1, axis=module.spec.axis or 0)[0]
         if isinstance(module, ActQuantizer):
@@ -57,8 +65,8 @@ def make_qdq_handler(gm):
             scale = float(module.scale)
             zp = int(module.zero_point)
             s = ctx.const(np.array(scale, dtype=np.float32), node.name + "_scale")
-            z = ctx.initializer(numpy_helper.from_array(np.array(zp, dtype=np.uint8 if not spec.signed else np.int8),
-                                                        ctx.fresh(node.name + "_zero_point")))
+            z = add_initializer(ctx, numpy_helper.from_array(
+                np.array(zp, dtype=np.uint8 if not spec.signed else np.int8), node.name + "_zero_point"))
             if spec.bits < 8:
                 lo = ctx.const(np.array((spec.qmin - zp) * scale, dtype=np.float32), node.name + "_lo")
                 hi = ctx.const(np.array((spec.qmax - zp) * scale, dtype=np.float32), node.name + "_hi")
@@ -159,6 +167,77 @@ def dedicate_dequantize(model: onnx.ModelProto) -> int:
     return count
 
 
+def _zero_spatial_pads(node, inits, rank: int) -> list[int] | None:
+    """The spatial pads of a constant-zero Pad over dims >= 2, as ONNX Conv ``pads``; else None."""
+    mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+    if mode != b"constant" or len(node.input) < 2 or node.input[1] not in inits:
+        return None
+    if len(node.input) > 2 and node.input[2]:
+        if node.input[2] not in inits or np.any(numpy_helper.to_array(inits[node.input[2]]) != 0):
+            return None
+    if len(node.input) > 3 and node.input[3]:
+        return None  # explicit axes: rare, not worth the bookkeeping
+    pads = numpy_helper.to_array(inits[node.input[1]]).astype(np.int64).tolist()
+    if len(pads) != 2 * rank or any(p < 0 for p in pads):
+        return None
+    begins, ends = pads[:rank], pads[rank:]
+    if begins[:2] != [0, 0] or ends[:2] != [0, 0]:
+        return None
+    return begins[2:] + ends[2:]
+
+
+def fold_zero_pad_into_conv(model: onnx.ModelProto) -> int:
+    """Pad(0) -> [Q -> DQ ->] Conv  ==>  [Q -> DQ ->] Conv(pads += ...).
+
+    Exact: zero is on every activation grid, so padding before or after Q/DQ gives the same
+    values, and Conv pads with zeros. Without this, TF-"same" models keep a float Pad between DQ
+    and Conv and ONNX Runtime cannot fuse those convs to QLinearConv.
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in list(g.value_info) + list(g.input)}
+    cons = _consumers(g)
+    folded = 0
+    remove = set()
+    for pad in g.node:
+        if pad.op_type != "Pad" or pad.input[0] not in ranks:
+            continue
+        extra = _zero_spatial_pads(pad, inits, ranks[pad.input[0]])
+        if extra is None:
+            continue
+        users = cons.get(pad.output[0], [])
+        via_q = len(users) == 1 and users[0].op_type == "QuantizeLinear"
+        if via_q:
+            dqs = cons.get(users[0].output[0], [])
+            if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs):
+                continue
+            convs = [c for d in dqs for c in cons.get(d.output[0], [])]
+        else:
+            convs = users
+        if not convs or any(c.op_type != "Conv" for c in convs):
+            continue
+        if any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for c in convs for a in c.attribute):
+            continue
+        for conv in convs:
+            old = next((list(a.ints) for a in conv.attribute if a.name == "pads"), [0] * len(extra))
+            new = [a + b for a, b in zip(old, extra)]
+            kept = [a for a in conv.attribute if a.name != "pads"]
+            del conv.attribute[:]
+            conv.attribute.extend(kept + [helper.make_attribute("pads", new)])
+        if via_q:
+            users[0].input[0] = pad.input[0]
+        else:
+            for conv in convs:
+                conv.input[0] = pad.input[0]
+        remove.add(id(pad))
+        folded += 1
+    if remove:
+        keep = [n for n in g.node if id(n) not in remove]
+        del g.node[:]
+        g.node.extend(keep)
+    return folded
+
+
 def prune_initializers(model: onnx.ModelProto) -> int:
     g = model.graph
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
@@ -176,6 +255,7 @@ def lower_qdq(gm, opts=None, quantized: bool = True) -> onnx.ModelProto:
     ex = gm.meta["fxq.example_inputs"]
     handler = make_qdq_handler(gm) if quantized else None
     model = lower_to_onnx(gm, ex, opset=OPSET, module_handler=handler)
+    fold_zero_pad_into_conv(model)
     if quantized:
         quantize_biases(model)
         dedicate_dequantize(model)

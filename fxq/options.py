@@ -11,6 +11,8 @@ GRANULARITIES = ("layer", "block", "stage", "net")
 LOSSES = ("mse", "fisher")
 PRESETS = ("fast", "paper")
 PREPROCESS = ("imagenet", "none")
+TARGETS = ("ort-cpu",)
+WEIGHT_RANGES = ("auto", "full", "reduced")
 
 
 @dataclass
@@ -29,6 +31,7 @@ class CompileOptions:
     seed: int = 0
     calib_size: int | None = None
     preprocess: str = "imagenet"
+    weight_range: str = "auto"  # 8-bit weights: full int8, or 7-bit magnitude where int8 kernels saturate
     holdout: int = 32            # calibration samples held back to verify fidelity
     bits: tuple[int, ...] | None = None
     budget_ms: float | None = None

@@ -58,7 +58,7 @@ def split_holdout(data: torch.Tensor, holdout: int) -> tuple[torch.Tensor, torch
     return data[:-hold], data[-hold:], True
 
 
-def build_passes(opts: CompileOptions, table):
+def build_passes(opts: CompileOptions, table, reduce_range: bool = False):
     from fxq.passes.annotate_qspecs import AnnotateQSpecs
     from fxq.passes.canonicalize import Canonicalize
     from fxq.passes.detect_blocks import DetectBlocks
@@ -71,7 +71,7 @@ def build_passes(opts: CompileOptions, table):
     passes += [
         DetectBlocks(opts.granularity),
         AnnotateQSpecs(table, weight_bits=opts.weight_bits, act_bits=opts.act_bits,
-                       first_last_bits=opts.first_last_bits),
+                       first_last_bits=opts.first_last_bits, reduce_range=reduce_range),
         MaterializeQuantizers(),
     ]
     return passes
@@ -80,7 +80,7 @@ def build_passes(opts: CompileOptions, table):
 def quantize_graph(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions, console=None,
                    progress=None, timer: StageTimer | None = None):
     """Run the pass pipeline and calibration on a captured graph. Returns (gm, pass_manager)."""
-    from fxq.backends.tables import get_backend
+    from fxq.backends.tables import get_backend, resolve_weight_range
     from fxq.calibrate import calibrate_activations
     from fxq.passes.infra import PassManager
 
@@ -91,7 +91,9 @@ def quantize_graph(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions
         from fxq.diff import diff_observer
 
         observers.append(diff_observer(console, None if opts.print_diff else set(), set(opts.print_after)))
-    pm = PassManager(build_passes(opts, table), verify=opts.debug, observers=observers,
+    reduced, why = resolve_weight_range(opts.weight_range)
+    gm.meta["fxq.weight_range"] = {"reduced": reduced, "why": why}
+    pm = PassManager(build_passes(opts, table, reduced), verify=opts.debug, observers=observers,
                      wants_snapshots=bool(observers))
     with timer.stage("passes"):
         gm = pm.run(gm)
@@ -224,6 +226,7 @@ def compile_model(loaded, calib: torch.Tensor, opts: CompileOptions, console=Non
         "weight_bits": opts.weight_bits,
         "act_bits": opts.act_bits,
         "first_last_bits": opts.first_last_bits,
+        "weight_range": gm.meta.get("fxq.weight_range"),
         "calibration_samples": int(calib_set.shape[0]),
         "budget_ms": opts.budget_ms,
         "latency": {"batch": batch, "threads": 2, "predicted_ms": None,

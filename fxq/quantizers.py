@@ -11,6 +11,7 @@ Numerics follow ONNX QuantizeLinear/DequantizeLinear exactly: q = clamp(round_ha
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -60,7 +61,7 @@ def _broadcast_shape(t: torch.Tensor, axis: int) -> list[int]:
     return shape
 
 
-def search_weight_scale(w: torch.Tensor, spec: QSpec, grid: int = 100, p: float = LP_NORM) -> torch.Tensor:
+def search_weight_scale(w: torch.Tensor, spec: QSpec, grid: int = 50, p: float = LP_NORM) -> torch.Tensor:
     """Per-channel symmetric scale minimizing the Lp rounding error over clipping ratios.
 
     Returns a 1-D scale tensor (one per channel of ``spec.axis``)."""
@@ -80,18 +81,25 @@ def search_weight_scale(w: torch.Tensor, spec: QSpec, grid: int = 100, p: float 
 
 def search_activation_range(sample: torch.Tensor, lo: float, hi: float, spec: QSpec,
                             grid: int = 80, p: float = LP_NORM) -> tuple[float, float]:
-    """Clipping range [lo', hi'] ⊆ [lo, hi] minimizing the Lp error on ``sample``."""
+    """Clipping range [lo', hi'] ⊆ [lo, hi] minimizing the Lp error on ``sample``.
+
+    All candidate ratios are scored in one vectorized pass ([grid, samples])."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)  # the grid must represent 0 exactly (padding, ReLU)
     if hi - lo < 1e-12:
         return lo, hi
-    best = (float("inf"), lo, hi)
-    for ratio in torch.linspace(1.0, 0.2, grid).tolist():
-        clo, chi = lo * ratio, hi * ratio
-        scale, zp = range_to_qparams(clo, chi, spec)
-        err = (fake_quantize(sample, scale, zp, spec.qmin, spec.qmax) - sample).abs().pow(p).mean().item()
-        if err < best[0]:
-            best = (err, clo, chi)
-    return best[1], best[2]
+    ratios = torch.linspace(1.0, 0.2, grid, dtype=torch.float64)
+    los, his = lo * ratios, hi * ratios
+    if spec.symmetric:
+        scales = (torch.maximum(los.abs(), his.abs()) / spec.qmax).clamp_min(1e-8)
+        zps = torch.zeros_like(scales)
+    else:
+        scales = ((his - los) / (spec.qmax - spec.qmin)).clamp_min(1e-8)
+        zps = torch.clamp(torch.round(spec.qmin - los / scales), spec.qmin, spec.qmax)
+    x = sample.float()[None, :]
+    scales, zps = scales.float(), zps.float()
+    err = (fake_quantize(x, scales[:, None], zps[:, None], spec.qmin, spec.qmax) - x).abs().pow(p).mean(1)
+    best = int(torch.argmin(err))
+    return float(los[best]), float(his[best])
 
 
 def range_to_qparams(lo: float, hi: float, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +127,7 @@ class WeightQuantizer(nn.Module):
         self.layer = layer
         self.register_buffer("scale", search_weight_scale(weight, spec))
         self.enabled = True
+        self._cache: tuple | None = None  # (weight identity, fake-quantized weight)
 
     def _scale_view(self, w: torch.Tensor) -> torch.Tensor:
         return self.scale.reshape(_broadcast_shape(w, self.spec.axis or 0))
@@ -130,6 +139,15 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._fake_quantize(w)
+        # Inference with frozen scales: the quantized weight only changes when weight or scale do.
+        key = (w.data_ptr(), w._version, self.scale._version, w.shape)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._fake_quantize(w))
+        return self._cache[1]
+
+    def _fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
         return fake_quantize(w, self._scale_view(w), torch.zeros((), device=w.device), self.spec.qmin, self.spec.qmax)
 
     def describe(self) -> str:
@@ -147,8 +165,8 @@ class ActQuantizer(nn.Module):
     scale/zero point with the Lp clipping search.
     """
 
-    SAMPLE_PER_CALL = 4096
-    SAMPLE_CAP = 1 << 18
+    SAMPLE_PER_CALL = 2048
+    SAMPLE_CAP = 1 << 16
 
     def __init__(self, spec: QSpec, source: str):
         super().__init__()
@@ -178,19 +196,23 @@ class ActQuantizer(nn.Module):
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1).float()
-        finite = torch.isfinite(flat)
-        if not bool(finite.all()):
+        lo, hi = torch.aminmax(flat)
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # rare: pay for the mask only then
+            finite = torch.isfinite(flat)
             self.nonfinite += int((~finite).sum())
             flat = flat[finite]
-        if flat.numel() == 0:
-            return
-        self._lo = min(self._lo, float(flat.min()))
-        self._hi = max(self._hi, float(flat.max()))
+            if flat.numel() == 0:
+                return
+            lo, hi = float(flat.min()), float(flat.max())
+        self._lo = min(self._lo, lo)
+        self._hi = max(self._hi, hi)
         if self._sampled < self.SAMPLE_CAP:
-            gen = torch.Generator().manual_seed(len(self._samples))
             take = min(self.SAMPLE_PER_CALL, flat.numel())
-            idx = torch.randint(flat.numel(), (take,), generator=gen)
-            self._samples.append(flat[idx].cpu())
+            # a strided, seeded-offset sample: deterministic and cheaper than random indices
+            step = max(flat.numel() // take, 1)
+            offset = (len(self._samples) * 7919) % step
+            self._samples.append(flat[offset::step][:take].cpu().clone())
             self._sampled += take
 
     def finalize_calibration(self, search: bool = True) -> None:

@@ -1,1 +1,2 @@
 """fxq's graph passes, each usable on its own from Python."""
+from .detect_blocks import DetectBlocks, detect_blocks

@@ -41,12 +41,13 @@ class AnnotateQSpecs(Pass):
     name = "annotate_qspecs"
 
     def __init__(self, table, weight_bits: int = 8, act_bits: int = 8, first_last_bits: int = 8,
-                 layer_bits: dict[str, int] | None = None):
+                 layer_bits: dict[str, int] | None = None, reduce_range: bool = False):
         self.table = table
         self.weight_bits = weight_bits
         self.act_bits = act_bits
         self.first_last_bits = first_last_bits
         self.layer_bits = dict(layer_bits or {})
+        self.reduce_range = reduce_range
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         layers = [n for n in gm.graph.nodes if ops.is_layer(n)]
@@ -66,7 +67,7 @@ class AnnotateQSpecs(Pass):
             for rule in rules:
                 spec["rules"].append(rule.name)
                 if rule.weight and ops.is_layer(node) and wbits < 32:
-                    spec["weight"] = self.table.weight_spec(wbits)
+                    spec["weight"] = self.table.weight_spec(wbits, self.reduce_range)
                     count_w += 1
                 if abits < 32:
                     for pos, producer in _activation_args(node, rule.act_inputs):
