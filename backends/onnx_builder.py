@@ -462,24 +462,20 @@ def _collect_meta(ctx: LoweringContext, gm: fx.GraphModule, example_inputs: tupl
         meta = _meta_from_val(val)
         if meta is not None:
             ctx._meta[node] = meta
-        elif node.op in ("placeholder", "call_function", "call_module", "call_method"):
+        elif val is None and node.users and node.op != "get_attr":
             missing = True
     if not missing:
         return
     # Nodes inserted by later passes may lack meta["val"]; run the graph once to learn them.
-    shapes: dict[fx.Node, Any] = {}
-
     class _Recorder(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            shapes[n] = out
+            if n not in ctx._meta and isinstance(out, torch.Tensor):
+                ctx._meta[n] = (tuple(out.shape), out.dtype)
             return out
 
     with torch.no_grad():
         _Recorder(gm).run(*example_inputs)
-    for node, out in shapes.items():
-        if node not in ctx._meta and isinstance(out, torch.Tensor):
-            ctx._meta[node] = (tuple(out.shape), out.dtype)
 
 
 def _dynamic_nodes(gm: fx.GraphModule, shape_only: Callable[[Any], bool]) -> set[fx.Node]:

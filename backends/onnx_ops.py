@@ -47,7 +47,7 @@ SHAPE_ONLY_OPS = {
 _NO_FOLD_NAMESPACES = {"quantized_decomposed", "fxq"}
 _NO_FOLD = {aten.rand.default, aten.randn.default, aten.randint.default, aten.bernoulli.default,
             aten.bernoulli.p, aten.rand_like.default, aten.randn_like.default, aten.normal.Tensor_float,
-            aten.empty.memory_format, aten.native_dropout.default}
+            aten.native_dropout.default}
 
 
 def emits(*targets: Any) -> Callable[[Emitter], Emitter]:
@@ -121,10 +121,6 @@ def _reshape(ctx, x: str, shape) -> str:
     # A literal 0 in an ONNX shape means "copy" unless allowzero; only zero-size tensors need it.
     allowzero = 1 if 0 in shape else None
     return ctx.op("Reshape", x, ctx.const(_i64(shape), "shape"), allowzero=allowzero)
-
-
-def _out_dtype(ctx, node) -> torch.dtype:
-    return ctx.dtype(node)
 
 
 # ---------------------------------------------------------------------------- identity & casts

@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--first-last-bits", metavar="B", type=int, default=8,
                      help="bits of the first and last layer, 2..8, or 0 to treat them like the "
                           "rest (default 8)")
+    com.add_argument("--weight-range", choices=opts.WEIGHT_RANGES, default="auto",
+                     help="8-bit weight grid: full int8, or 'reduced' to a 7-bit magnitude so x86 CPUs "
+                          "without VNNI do not saturate; 'auto' decides from this machine (default)")
+    com.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
+                     help="skip the per-channel correction of the output shift weight rounding causes")
     com.add_argument("--bits", metavar="LIST", help="candidate bit-widths for mixed precision, e.g. 2,4,8")
     com.add_argument("--budget-ms", metavar="X", type=float, help="latency budget in milliseconds")
     com.add_argument("--method", choices=opts.METHODS, default="rtn")
@@ -181,6 +186,7 @@ def build_options(args: argparse.Namespace) -> opts.CompileOptions:
         method=args.method, granularity=args.granularity, loss=args.loss, iters=args.iters,
         preset=args.preset, seed=args.seed, calib_size=args.calib_size, preprocess=args.preprocess,
         bits=bits, budget_ms=args.budget_ms, print_diff=args.print_diff,
+        weight_range=args.weight_range, bias_correction=args.bias_correction,
         print_after=tuple(args.print_after), debug=args.debug, json=args.json, resume=args.resume)
 
 

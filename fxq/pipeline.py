@@ -99,6 +99,11 @@ def quantize_graph(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions
         gm = pm.run(gm)
     with timer.stage("calibrate"):
         calibrate_activations(gm, calib, progress=progress)
+    if opts.bias_correction:
+        from fxq.bias_correction import correct_biases
+
+        with timer.stage("bias_correction"):
+            gm.meta["fxq.bias_correction"] = correct_biases(gm, calib)
     return gm, pm
 
 
@@ -227,6 +232,7 @@ def compile_model(loaded, calib: torch.Tensor, opts: CompileOptions, console=Non
         "act_bits": opts.act_bits,
         "first_last_bits": opts.first_last_bits,
         "weight_range": gm.meta.get("fxq.weight_range"),
+        "bias_correction": gm.meta.get("fxq.bias_correction"),
         "calibration_samples": int(calib_set.shape[0]),
         "budget_ms": opts.budget_ms,
         "latency": {"batch": batch, "threads": 2, "predicted_ms": None,
