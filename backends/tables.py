@@ -17,6 +17,9 @@ from fxq.quantizers import QSpec
 aten = torch.ops.aten
 
 
+GRAPH_OUTPUT = "output"  # a row with this op applies to the graph's outputs
+
+
 @dataclass(frozen=True)
 class PlacementRule:
     name: str
@@ -36,6 +39,8 @@ class BackendTable:
     float_ops_note: str = ""
 
     def rules_for(self, node) -> list[PlacementRule]:
+        if node.op == "output":
+            return [r for r in self.rules if GRAPH_OUTPUT in r.ops]
         if node.op != "call_function":
             return []
         return [r for r in self.rules if node.target in r.ops]
@@ -107,6 +112,9 @@ ONNX_QDQ = BackendTable(
         PlacementRule("onnx-qdq.pool", frozenset({aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default,
                                                   aten.mean.dim}), "first",
                       why="QLinearGlobalAveragePool / QLinearAveragePool"),
+        PlacementRule("onnx-qdq.output", frozenset({GRAPH_OUTPUT}), "all",
+                      why="a Q after the last layer lets DQ -> Gemm -> Q fuse into QGemm instead of "
+                          "dequantizing the classifier weights on every run"),
     ),
     float_ops_note="BatchNorm is folded; other ops (activations, softmax, layer norm) run in float "
                    "between the quantized tensors unless ONNX Runtime fuses them.",

@@ -49,8 +49,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         float_logits = torch.cat([model(c[None]) for c in crops])
 
-    opts = CompileOptions(out_dir=Path(args.out), weight_bits=8, act_bits=8, method="rtn")
-    opts.extra["summary_only"] = True
+    opts = CompileOptions(out_dir=Path(args.out), weight_bits=8, act_bits=8, method="rtn", print_summary=True)
     t0 = time.perf_counter()
     report = compile_model((model, (torch.zeros(INPUT_SHAPE),)), calib, opts, console=console)
     elapsed = time.perf_counter() - t0

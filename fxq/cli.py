@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--preprocess", choices=opts.PREPROCESS, default="imagenet",
                      help="image preprocessing for image folders (default imagenet)")
     com.add_argument("--print-diff", action="store_true", help="print each pass's graph diff")
+    com.add_argument("--print-summary", action="store_true",
+                     help="print one line per pass: its op-count changes")
     com.add_argument("--print-after", metavar="PASS", action="append", default=[],
                      help="print the graph after PASS (repeatable)")
     com.add_argument("--resume", action="store_true", help="reuse finished stages from OUT")
@@ -185,7 +187,7 @@ def build_options(args: argparse.Namespace) -> opts.CompileOptions:
         weight_bits=args.weight_bits, act_bits=args.act_bits, first_last_bits=args.first_last_bits,
         method=args.method, granularity=args.granularity, loss=args.loss, iters=args.iters,
         preset=args.preset, seed=args.seed, calib_size=args.calib_size, preprocess=args.preprocess,
-        bits=bits, budget_ms=args.budget_ms, print_diff=args.print_diff,
+        bits=bits, budget_ms=args.budget_ms, print_diff=args.print_diff, print_summary=args.print_summary,
         weight_range=args.weight_range, bias_correction=args.bias_correction,
         print_after=tuple(args.print_after), debug=args.debug, json=args.json, resume=args.resume)
 

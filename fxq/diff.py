@@ -443,3 +443,19 @@ def diff_observer(console: Console, passes_to_diff: set[str] | None = None,
                   print_after: Iterable[str] = ()) -> DiffObserver:
     """The observer behind ``--print-diff`` and ``--print-after PASS`` (see ``DiffObserver``)."""
     return DiffObserver(console, passes_to_diff, set(print_after))
+
+
+class SummaryObserver:
+    """One line per pass: what it changed, as op-count deltas (``--print-summary``)."""
+
+    wants_snapshots = True
+
+    def __init__(self, console: Console):
+        self.console = console
+
+    def __call__(self, pass_name: str, gm: fx.GraphModule, before: list[CanonLine] | None, result) -> None:
+        if before is None:
+            return
+        rows = _count_rows(before, canonical_lines(gm))
+        deltas = ", ".join(f"{op} {b}→{a}" for op, b, a in rows if op != "total") or "no op-count change"
+        self.console.print(f"[bold]{pass_name}[/bold]: {deltas}")

@@ -37,6 +37,7 @@ class CompileOptions:
     bits: tuple[int, ...] | None = None
     budget_ms: float | None = None
     print_diff: bool = False
+    print_summary: bool = False
     print_after: tuple[str, ...] = ()
     debug: bool = False
     json: bool = False

@@ -87,6 +87,10 @@ def quantize_graph(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions
     timer = timer or StageTimer()
     table = get_backend(opts.backend)
     observers = []
+    if console is not None and opts.print_summary:
+        from fxq.diff import SummaryObserver
+
+        observers.append(SummaryObserver(console))
     if console is not None and (opts.print_diff or opts.print_after):
         from fxq.diff import diff_observer
 
@@ -104,6 +108,9 @@ def quantize_graph(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions
 
         with timer.stage("bias_correction"):
             gm.meta["fxq.bias_correction"] = correct_biases(gm, calib)
+    from fxq.bias_correction import snap_biases_to_int32_grid
+
+    snap_biases_to_int32_grid(gm)
     return gm, pm
 
 

@@ -58,7 +58,8 @@ class AnnotateQSpecs(Pass):
             rules = self.table.rules_for(node)
             if not rules:
                 continue
-            boundary = node in edge_layers
+            # the graph output is quantized at the precision of the layer that produces it
+            boundary = node in edge_layers or node.op == "output"
             wbits = self.layer_bits.get(ops.layer_name(node)) if ops.is_layer(node) else None
             if wbits is None:
                 wbits = max(self.weight_bits, self.first_last_bits) if boundary else self.weight_bits
