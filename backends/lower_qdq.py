@@ -58,7 +58,11 @@ def make_qdq_handler(gm):
             q = module.int_weight(w).numpy()
             qname = add_initializer(ctx, int_tensor_proto(src.target + "_quantized", q, module.spec.bits))
             sname = ctx.const(module.scale.detach().numpy().astype(np.float32), src.target + "_scale")
-            return ctx.node("DequantizeLinear", [qname, sname], 1, axis=module.spec.axis or 0)[0]
+            # Zero points explicit even when 0: ONNX Runtime's QGemm fusion requires them.
+            zname = add_initializer(ctx, int_tensor_proto(src.target + "_zero_point",
+                                                          np.zeros(q.shape[module.spec.axis or 0], np.int8),
+                                                          module.spec.bits))
+            return ctx.node("DequantizeLinear", [qname, sname, zname], 1, axis=module.spec.axis or 0)[0]
         if isinstance(module, ActQuantizer):
             x = ctx.value(node.args[0])
             spec = module.spec
@@ -118,9 +122,11 @@ def quantize_biases(model: onnx.ModelProto) -> int:
         base = node.input[2]
         g.initializer.append(numpy_helper.from_array(qb, base + "_int32"))
         g.initializer.append(numpy_helper.from_array(scale, base + "_int32_scale"))
+        g.initializer.append(numpy_helper.from_array(np.zeros(qb.shape, np.int32), base + "_int32_zero_point"))
         out = base + "_dequantized_" + str(done)
-        new_nodes.append((node, helper.make_node("DequantizeLinear", [base + "_int32", base + "_int32_scale"], [out],
-                                                 axis=0, name=out)))
+        new_nodes.append((node, helper.make_node(
+            "DequantizeLinear", [base + "_int32", base + "_int32_scale", base + "_int32_zero_point"], [out],
+            axis=0, name=out)))
         node.input[2] = out
         done += 1
     _insert_before(g, new_nodes)

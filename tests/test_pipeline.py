@@ -57,7 +57,7 @@ def _compile(tmp_path, name="out", **kw):
 
 
 def test_artifacts_report_and_numerics(tmp_path):
-    report, out = _compile(tmp_path)
+    report, out = _compile(tmp_path, debug=True)  # debug: lint/verify the graph after every pass
     assert {p.name for p in out.iterdir()} == {"model.onnx", "model.pt2", "report.json"}
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["verification"] == json.loads(json.dumps(report["verification"]))
@@ -67,6 +67,9 @@ def test_artifacts_report_and_numerics(tmp_path):
     v = report["verification"]["onnx_vs_fake_quant"]
     assert v["max_abs_diff"] < 0.05 and v["mean_cosine"] > 0.999
     assert report["verification"]["onnx_vs_float"]["mean_cosine"] > 0.99
+    assert [p["name"] for p in report["passes"]] == ["canonicalize", "fold_batchnorm", "detect_blocks",
+                                                     "annotate_qspecs", "materialize_quantizers"]
+    assert {r["kind"] for r in report["regions"]} == {"residual", "layer"}
     # the fake-quantized torch.export archive runs and matches the ONNX model
     ep = torch.export.load(str(out / "model.pt2"))
     x = _calib(4)[:1]
@@ -85,6 +88,7 @@ def test_onnx_structure_weights_are_integers_with_explicit_axis(tmp_path):
     assert len(weight_dqs) == 4
     for n in weight_dqs:
         assert [a.i for a in n.attribute if a.name == "axis"] == [0]
+        assert len(n.input) == 3  # explicit zero point
     biases = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
               and inits[n.input[0]].data_type == onnx.TensorProto.INT32]
     assert len(biases) == 4  # conv and Gemm biases in int32 for QLinearConv/QGemm
@@ -143,3 +147,4 @@ def test_lite0_w8a8_every_conv_fuses_in_onnx_runtime(tmp_path, capsys):
     ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
     assert ops["QLinearConv"] == 49 and ops["Conv"] == 0 and ops["FusedConv"] == 0
     assert ops["QLinearAdd"] == 9
+    assert ops["QGemm"] == 1 and ops["Gemm"] == 0  # the classifier runs in integers too
