@@ -261,9 +261,36 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return EXIT_OK
     written = sorted(p.name for p in out_dir.iterdir()
                      if p.is_file() and not p.name.startswith(".") and p.stat().st_mtime >= started - 1)
-    _stdout().print(Text.assemble(("done: ", "bold green"),
-                                  f"wrote {', '.join(written) or 'nothing'} to {out_dir}/"))
+    out = _stdout()
+    for line in _report_lines(report):
+        out.print(line)
+    out.print(Text.assemble(("done: ", "bold green"),
+                            f"wrote {', '.join(written) or 'nothing'} to {out_dir}/"))
     return EXIT_OK
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _report_lines(report: dict) -> list[str]:
+    """The few numbers a user checks after a compile (everything else is in report.json)."""
+    lines = []
+    v = report.get("verification") or {}
+    where = "held-out" if v.get("held_out") else "calibration (too few samples to hold any out)"
+    for key, label in (("onnx_vs_float", "ONNX Runtime vs float model"),
+                       ("onnx_vs_fake_quant", "ONNX Runtime vs fxq fake-quant model")):
+        f = v.get(key)
+        if f:
+            lines.append(f"{label}: top-1 agreement {_pct(f.get('top1_agreement'))}, "
+                         f"max |Δ| {f['max_abs_diff']:.3g}, cosine {f['mean_cosine']:.4f} "
+                         f"({v.get('holdout_samples')} {where} samples)")
+    lat = report.get("latency") or {}
+    if lat.get("measured_ms"):
+        lines.append(f"ONNX Runtime latency (batch {lat['batch']}, {lat['threads']} threads): float "
+                     f"{lat['float_measured_ms']:.2f} ms -> quantized {lat['measured_ms']:.2f} ms "
+                     f"({lat['speedup_vs_float']:.2f}x)")
+    return lines
 
 
 def _run_compile(args: argparse.Namespace, options: opts.CompileOptions) -> dict:
