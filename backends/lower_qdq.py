@@ -18,19 +18,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from fxq.ops import get_attr
 from fxq.quantizers import ActQuantizer, WeightQuantizer
 
 OPSET = 21
-
-
-def _get_tensor(gm, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def int_tensor_proto(name: str, values: np.ndarray, bits: int, signed: bool = True) -> onnx.TensorProto:
@@ -52,7 +45,7 @@ def make_qdq_handler(gm):
     def handler(ctx, node, module):
         if isinstance(module, WeightQuantizer):
             src = node.args[0]
-            w = _get_tensor(gm, src.target).detach() if src.op == "get_attr" else None
+            w = get_attr(gm, src.target).detach() if src.op == "get_attr" else None
             if w is None:
                 raise ValueError(f"weight quantizer {node.target} is not fed by a parameter")
             q = module.int_weight(w).numpy()

@@ -17,18 +17,6 @@ from fxq.calibrate import batches, graph_batch_size
 from fxq.quantizers import WeightQuantizer
 
 
-def _get(gm, target):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set(gm, target, value):
-    owner, _, name = target.rpartition(".")
-    setattr(gm.get_submodule(owner) if owner else gm, name, value)
-
-
 class _ShiftRecorder(fx.Interpreter):
     def __init__(self, gm, layers):
         super().__init__(gm)
@@ -41,7 +29,7 @@ class _ShiftRecorder(fx.Interpreter):
         if n in self.layers:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             args = list(args)
-            args[1] = _get(self.module, self.layers[n])
+            args[1] = ops.get_attr(self.module, self.layers[n])
             ref = n.target(*args, **kwargs)
             diff = (out - ref).detach()
             dim = 1 if ops.is_op(n, ops.CONV_OPS) else -1
@@ -73,8 +61,8 @@ def correct_biases(gm: fx.GraphModule, data: torch.Tensor, max_samples: int = 64
         shift = total / len(chunks)
         bias = ops.layer_bias(node)
         if bias is not None and bias.op == "get_attr":
-            old = _get(gm, bias.target)
-            _set(gm, bias.target, nn.Parameter(old.detach() - shift.to(old.dtype), requires_grad=False))
+            old = ops.get_attr(gm, bias.target)
+            ops.set_attr(gm, bias.target, nn.Parameter(old.detach() - shift.to(old.dtype), requires_grad=False))
         else:
             name = f"{node.name}_bias_correction"
             gm.register_parameter(name, nn.Parameter(-shift, requires_grad=False))
@@ -110,11 +98,11 @@ def snap_biases_to_int32_grid(gm: fx.GraphModule) -> int:
         aq, wq = gm.get_submodule(x.target), gm.get_submodule(w.target)
         if not (isinstance(aq, ActQuantizer) and isinstance(wq, WeightQuantizer)):
             continue
-        old = _get(gm, b.target)
+        old = ops.get_attr(gm, b.target)
         step = (aq.scale.double() * wq.scale.double()).to(old.dtype)
         if step.numel() not in (1, old.numel()):
             continue
         new = torch.round(old.detach().double() / step.double()).clamp(-2**31, 2**31 - 1) * step.double()
-        _set(gm, b.target, nn.Parameter(new.to(old.dtype), requires_grad=False))
+        ops.set_attr(gm, b.target, nn.Parameter(new.to(old.dtype), requires_grad=False))
         snapped += 1
     return snapped

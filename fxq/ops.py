@@ -94,3 +94,16 @@ def layer_name(node: fx.Node) -> str:
         return w.target.rsplit(".", 1)[0] if "." in w.target else w.target
     path = module_path(node)
     return path[-1] if path else node.name
+
+
+def get_attr(gm, target: str):
+    """The object at dotted ``target`` inside ``gm`` (what a ``get_attr`` node reads)."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_attr(gm, target: str, value) -> None:
+    owner, _, name = target.rpartition(".")
+    setattr(gm.get_submodule(owner) if owner else gm, name, value)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 from torch import fx
 
 from fxq.errors import FxqError, PassError
+from fxq.ops import get_attr
 
 RULE = "fxq.rule"      # which pass/rule created or last rewrote a node
 REGION = "fxq.region"  # the region (block) a node belongs to
@@ -60,18 +61,11 @@ def verify_graph(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op in ("get_attr", "call_module"):
             try:
-                gm.get_submodule(node.target) if node.op == "call_module" else _get_attr(gm, node.target)
+                gm.get_submodule(node.target) if node.op == "call_module" else get_attr(gm, node.target)
             except AttributeError as exc:
                 raise PassError(f"Graph verification failed: node '{node.name}' refers to missing "
                                 f"attribute '{node.target}'.") from exc
     gm.recompile()
-
-
-def _get_attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def stamp_new_nodes(gm: fx.GraphModule, before: set[fx.Node], rule: str) -> int:

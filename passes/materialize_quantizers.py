@@ -28,13 +28,6 @@ def _safe(name: str) -> str:
     return re.sub(r"[^0-9a-zA-Z_]", "_", name)
 
 
-def _get_tensor(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _arg_at(node: fx.Node, pos):
     if isinstance(pos, tuple):
         return node.args[pos[0]][pos[1]]
@@ -98,7 +91,7 @@ class MaterializeQuantizers(Pass):
                 continue
             mname = "w_" + _safe(w.target)
             if not hasattr(root, mname):
-                root.add_module(mname, WeightQuantizer(spec["weight"], _get_tensor(gm, w.target), ops.layer_name(node)))
+                root.add_module(mname, WeightQuantizer(spec["weight"], ops.get_attr(gm, w.target), ops.layer_name(node)))
                 n_weight += 1
             if w not in weight_calls:
                 with graph.inserting_after(w):
