@@ -279,7 +279,8 @@ def _report_lines(report: dict) -> list[str]:
     v = report.get("verification") or {}
     where = "held-out" if v.get("held_out") else "calibration (too few samples to hold any out)"
     for key, label in (("onnx_vs_float", "ONNX Runtime vs float model"),
-                       ("onnx_vs_fake_quant", "ONNX Runtime vs fxq fake-quant model")):
+                       ("onnx_vs_fake_quant", "ONNX Runtime vs fxq fake-quant model"),
+                       ("onnx_vs_integer_emulation", "ONNX Runtime vs fxq integer emulation")):
         f = v.get(key)
         if f:
             lines.append(f"{label}: top-1 agreement {_pct(f.get('top1_agreement'))}, "

@@ -176,8 +176,12 @@ def export_fake_quant(gm: fx.GraphModule, path: Path) -> None:
         torch.export.save(ep, str(tmp))
 
 
-def compile_model(loaded, calib: torch.Tensor, opts: CompileOptions, console=None) -> dict:
-    """Compile ``loaded`` (an ``fxq.loading.LoadedModel`` or an (module, example_inputs) pair)."""
+def compile_model(loaded, calib: torch.Tensor, opts: CompileOptions, console=None,
+                  keep: dict | None = None) -> dict:
+    """Compile ``loaded`` (an ``fxq.loading.LoadedModel`` or an (module, example_inputs) pair).
+
+    Returns the report. Pass a dict as ``keep`` to also receive the quantized graph module
+    (``keep["graph_module"]``), e.g. to run ``fxq.emulate`` on it."""
     from rich.progress import Progress
 
     from fxq.atomic import atomic_write_bytes, atomic_write_text, ensure_output_dir
@@ -208,10 +212,14 @@ def compile_model(loaded, calib: torch.Tensor, opts: CompileOptions, console=Non
         ort_out = run_onnx(onnx_bytes, holdout, batch)
         fq_out = run_batched(gm, holdout)
         float_out = run_batched(float_gm, holdout)
+        from fxq.emulate import emulate_batched
+
+        emu_out = emulate_batched(gm, holdout)
         verification = {
             "holdout_samples": int(holdout.shape[0]),
             "held_out": held_out,
             "onnx_vs_fake_quant": fidelity(fq_out, ort_out),
+            "onnx_vs_integer_emulation": fidelity(emu_out, ort_out),
             "onnx_vs_float": fidelity(float_out, ort_out),
             "fake_quant_vs_float": fidelity(float_out, fq_out),
         }
@@ -253,6 +261,8 @@ def compile_model(loaded, calib: torch.Tensor, opts: CompileOptions, console=Non
         "timings_s": timer.seconds,
     }
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
+    if keep is not None:
+        keep["graph_module"] = gm
     return report
 
 

@@ -53,6 +53,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
 
 LP_NORM = 2.4  # the reference's clipping-search exponent: between MSE and max-error
+DEAD_CHANNEL_FLOOR = 1e-3
 
 
 def _broadcast_shape(t: torch.Tensor, axis: int) -> list[int]:
@@ -67,7 +68,11 @@ def search_weight_scale(w: torch.Tensor, spec: QSpec, grid: int = 50, p: float =
     Returns a 1-D scale tensor (one per channel of ``spec.axis``)."""
     axis = spec.axis or 0
     wc = w.detach().float().transpose(0, axis).reshape(w.shape[axis], -1)
-    amax = wc.abs().amax(dim=1).clamp_min(1e-12)
+    # Floor dead channels (all-zero weights, e.g. a BN gain of 0 folded in) at a small fraction
+    # of the layer's largest channel: a near-zero scale would make the int32 bias b / (s_x * s_w)
+    # overflow in the runtime. Any scale represents zero weights exactly, so nothing is lost.
+    amax = wc.abs().amax(dim=1)
+    amax = amax.clamp_min(max(float(amax.max()) * DEAD_CHANNEL_FLOOR, 1e-8))
     best_err = torch.full_like(amax, float("inf"))
     best_scale = amax / spec.qmax
     for ratio in torch.linspace(1.0, 0.3, grid):

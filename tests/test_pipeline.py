@@ -66,6 +66,7 @@ def test_artifacts_report_and_numerics(tmp_path):
     assert all(row["weight_bits"] in (7, 8) and row["act_bits"] == 8 for row in layers.values())
     v = report["verification"]["onnx_vs_fake_quant"]
     assert v["max_abs_diff"] < 0.05 and v["mean_cosine"] > 0.999
+    assert report["verification"]["onnx_vs_integer_emulation"]["max_abs_diff"] == 0.0
     assert report["verification"]["onnx_vs_float"]["mean_cosine"] > 0.99
     assert [p["name"] for p in report["passes"]] == ["canonicalize", "fold_batchnorm", "detect_blocks",
                                                      "annotate_qspecs", "materialize_quantizers"]

@@ -88,3 +88,13 @@ def test_range_always_represents_zero(lo, hi):
     assert 0 <= float(zp) <= 255 and float(zp) == round(float(zp))
     zero = fake_quantize(torch.zeros(1), scale, zp, 0, 255)
     assert float(zero) == 0.0
+
+
+def test_dead_channel_gets_a_scale_that_keeps_its_int32_bias_in_range():
+    w = torch.randn(4, 8)
+    w[2] = 0.0  # a channel whose BN gain folded to zero
+    q = WeightQuantizer(W8, w, "dead")
+    assert float(q.scale[2]) >= float(q.scale.max()) * 1e-3
+    act_scale, bias = 0.02, 0.6
+    assert abs(bias / (act_scale * float(q.scale[2]))) < 2**31 - 1
+    assert torch.all(q(w)[2] == 0)
