@@ -64,6 +64,9 @@ def main(argv=None) -> int:
     v = report["verification"]["onnx_vs_fake_quant"]
     table.add_row("ONNX Runtime vs fxq fake-quant PyTorch (top-1 / max |Δ|)",
                   f"{v['top1_agreement']:.1%} / {v['max_abs_diff']:.3g}")
+    e = report["verification"]["onnx_vs_integer_emulation"]
+    table.add_row("ONNX Runtime vs fxq integer emulation (top-1 / max |Δ|)",
+                  f"{e['top1_agreement']:.1%} / {e['max_abs_diff']:.3g}")
     lat = report["latency"]
     table.add_row("ORT latency batch 1, 2 threads: float → int8",
                   f"{lat['float_measured_ms']:.2f} ms → {lat['measured_ms']:.2f} ms ({lat['speedup_vs_float']:.2f}×)")
