@@ -36,8 +36,10 @@ class StageTimer:
 
 def _unsupported(opts: CompileOptions) -> None:
     todo = []
-    if opts.method != "rtn":
-        todo.append(f"--method {opts.method} (block reconstruction)")
+    if opts.method == "qdrop":
+        todo.append("--method qdrop")
+    if opts.loss != "mse":
+        todo.append(f"--loss {opts.loss}")
     if opts.budget_ms is not None or opts.bits is not None:
         todo.append("--budget-ms/--bits (mixed precision search)")
     if opts.backend != "onnx-qdq":
@@ -46,7 +48,8 @@ def _unsupported(opts: CompileOptions) -> None:
         todo.append("--resume")
     if todo:
         raise FxqError(f"Not implemented yet in this version of fxq: {', '.join(todo)}.",
-                       "Use --method rtn with --backend onnx-qdq and uniform --weight-bits/--act-bits for now.")
+                       "Use --method rtn|adaround|brecq with --loss mse, --backend onnx-qdq and uniform "
+                       "--weight-bits/--act-bits for now.")
 
 
 def split_holdout(data: torch.Tensor, holdout: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -69,7 +72,8 @@ def build_passes(opts: CompileOptions, table, reduce_range: bool = False):
     if table.fold_batchnorm:
         passes.append(FoldBatchNorm())
     passes += [
-        DetectBlocks(opts.granularity),
+        # layer-wise AdaRound is reconstruction on single-layer regions
+        DetectBlocks("layer" if opts.method == "adaround" else opts.granularity),
         AnnotateQSpecs(table, weight_bits=opts.weight_bits, act_bits=opts.act_bits,
                        first_last_bits=opts.first_last_bits, reduce_range=reduce_range),
         MaterializeQuantizers(),
@@ -103,7 +107,17 @@ def quantize_graph(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions
         gm = pm.run(gm)
     with timer.stage("calibrate"):
         calibrate_activations(gm, calib, progress=progress)
-    if opts.bias_correction:
+    if opts.method in ("adaround", "brecq"):
+        from dataclasses import replace
+
+        from fxq.reconstruct import PRESETS, reconstruct
+
+        cfg = PRESETS[opts.preset]
+        if opts.iters is not None:
+            cfg = replace(cfg, iters=opts.iters)
+        with timer.stage("reconstruct"):
+            gm.meta["fxq.reconstruction"] = reconstruct(gm, calib, cfg, seed=opts.seed, progress=progress)
+    elif opts.bias_correction:  # reconstruction already fits each region's output, shift included
         from fxq.bias_correction import correct_biases
 
         with timer.stage("bias_correction"):
@@ -254,7 +268,8 @@ def compile_model(loaded, calib: torch.Tensor, opts: CompileOptions, console=Non
                     "measured_ms": lat_q["median_ms"], "float_measured_ms": lat_f["median_ms"],
                     "speedup_vs_float": round(lat_f["median_ms"] / lat_q["median_ms"], 3)},
         "layers": layer_table(gm),
-        "regions": [dict(r.to_json(), loss_before=None, loss_after=None) for r in regions],
+        "regions": _regions_with_losses(regions, gm.meta.get("fxq.reconstruction", [])),
+        "reconstruction": {"preset": opts.preset, "iters": opts.iters} if opts.method != "rtn" else None,
         "passes": [{"name": name, "modified": res.modified, "stats": _jsonable(res.stats)} for name, res in pm.history],
         "verification": verification,
         "artifacts": {"model.onnx": len(onnx_bytes), "float_onnx_bytes": len(float_bytes)},
@@ -264,6 +279,15 @@ def compile_model(loaded, calib: torch.Tensor, opts: CompileOptions, console=Non
     if keep is not None:
         keep["graph_module"] = gm
     return report
+
+
+def _regions_with_losses(regions, recon: list[dict]) -> list[dict]:
+    by_name = {r["region"]: r for r in recon}
+    out = []
+    for region in regions:
+        r = by_name.get(region.name, {})
+        out.append(dict(region.to_json(), loss_before=r.get("loss_before"), loss_after=r.get("loss_after")))
+    return out
 
 
 def _jsonable(stats: dict) -> dict:

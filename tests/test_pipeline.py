@@ -128,7 +128,7 @@ def test_bias_correction_reduces_output_error(tmp_path):
 
 def test_unimplemented_method_is_a_clear_error(tmp_path):
     with pytest.raises(Exception, match="Not implemented yet"):
-        _compile(tmp_path, method="brecq")
+        _compile(tmp_path, method="qdrop")
     assert not (tmp_path / "out" / "model.onnx").exists()
 
 
@@ -149,3 +149,19 @@ def test_lite0_w8a8_every_conv_fuses_in_onnx_runtime(tmp_path, capsys):
     assert ops["QLinearConv"] == 49 and ops["Conv"] == 0 and ops["FusedConv"] == 0
     assert ops["QLinearAdd"] == 9
     assert ops["QGemm"] == 1 and ops["Gemm"] == 0  # the classifier runs in integers too
+
+
+@pytest.mark.parametrize("method", ["brecq", "adaround"])
+def test_reconstruction_lowers_region_loss_and_beats_round_to_nearest(tmp_path, method):
+    common = dict(weight_bits=3, act_bits=32, first_last_bits=0, holdout=16)
+    rtn, _ = _compile(tmp_path, "rtn", bias_correction=False, **common)
+    rec, out = _compile(tmp_path, method, method=method, iters=150, **common)
+    losses = [(r["loss_before"], r["loss_after"]) for r in rec["regions"] if r["loss_before"] is not None]
+    assert len(losses) == (3 if method == "brecq" else 4)  # stem, residual block, head; or 4 layers
+    assert sum(a for _, a in losses) < sum(b for b, _ in losses)
+    if method == "brecq":  # block-wise: every region's output error goes down
+        assert all(after < before for before, after in losses)
+    q_rec = rec["verification"]["fake_quant_vs_float"]["mean_cosine"]
+    assert q_rec > rtn["verification"]["fake_quant_vs_float"]["mean_cosine"]
+    # the learned rounding reaches the ONNX model: ONNX Runtime agrees with the fake-quant model
+    assert rec["verification"]["onnx_vs_fake_quant"]["mean_cosine"] > 0.999
