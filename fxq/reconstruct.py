@@ -83,6 +83,20 @@ def _per_sample_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (out - target).pow(2).reshape(out.shape[0], -1).sum(1).mean()
 
 
+def _minibatch_loss(sub, stores, inputs, output, idx, batched: bool):
+    """Mean per-sample output error over cached batches ``idx``: one call on the concatenated
+    batches when the region is batch-agnostic (convs, adds), else one call per cached batch
+    (regions with shapes baked in by capture). Returns (loss, still_batched)."""
+    if batched:
+        try:
+            out = sub(*[torch.cat([stores[n][i] for i in idx]) for n in inputs])
+            return _per_sample_mse(out, torch.cat([stores[output][i] for i in idx])), True
+        except RuntimeError:
+            pass
+    loss = sum(_per_sample_mse(sub(*[stores[n][i] for n in inputs]), stores[output][i]) for i in idx) / len(idx)
+    return loss, False
+
+
 def _region_loss(sub, stores, inputs, output, indices) -> float:
     with torch.no_grad():
         losses = [float(_per_sample_mse(sub(*[stores[n][i] for n in inputs]), stores[output][i])) for i in indices]
@@ -117,10 +131,10 @@ def reconstruct(gm: fx.GraphModule, calib: torch.Tensor, cfg: ReconConfig, seed:
                 q.hard = False
             opt = torch.optim.Adam([q.alpha for q in quantizers], lr=cfg.lr)
             torch.manual_seed(seed)
+            batched = True
             for step in range(cfg.iters):
                 idx = [rng.randrange(n_batches) for _ in range(cfg.batch_size)]
-                loss = sum(_per_sample_mse(sub(*[stores[n][i] for n in inputs]), stores[region.output][i])
-                           for i in idx) / len(idx)
+                loss, batched = _minibatch_loss(sub, stores, inputs, region.output, idx, batched)
                 loss = loss + rounding_loss(quantizers, beta_schedule(step, cfg.iters, cfg.warmup), cfg.reg_weight)
                 opt.zero_grad()
                 loss.backward()
