@@ -58,19 +58,22 @@ def calibrate_activations(gm: fx.GraphModule, data: torch.Tensor, search: bool =
             "nonfinite_values": sum(q.nonfinite for q in quantizers)}
 
 
+def map_padded(fn, data: torch.Tensor, batch: int) -> torch.Tensor:
+    """``fn`` over ``data`` in fixed-size batches (graphs have a static batch): the last batch is
+    padded by repeating its final sample and the padding is dropped from the result. ``fn`` may
+    return a tuple; its first element is kept."""
+    outs = []
+    for i in range(0, data.shape[0], batch):
+        chunk = data[i:i + batch]
+        real = chunk.shape[0]
+        if real < batch:
+            chunk = torch.cat([chunk, chunk[-1:].expand(batch - real, *chunk.shape[1:])])
+        out = fn(chunk)
+        outs.append((out[0] if isinstance(out, (tuple, list)) else out)[:real])
+    return torch.cat(outs)
+
+
 @torch.no_grad()
 def run_batched(gm: fx.GraphModule, data: torch.Tensor) -> torch.Tensor:
     """Outputs of ``gm`` on every sample of ``data`` (the static batch is respected)."""
-    bs = graph_batch_size(gm)
-    outs = []
-    n = data.shape[0]
-    for i in range(0, n, bs):
-        chunk = data[i:i + bs]
-        real = chunk.shape[0]
-        if real < bs:
-            chunk = torch.cat([chunk, chunk[-1:].expand(bs - real, *chunk.shape[1:])])
-        out = gm(chunk)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        outs.append(out[:real])
-    return torch.cat(outs)
+    return map_padded(gm, data, graph_batch_size(gm))

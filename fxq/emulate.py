@@ -213,15 +213,6 @@ def emulate(gm: fx.GraphModule, *inputs: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def emulate_batched(gm: fx.GraphModule, data: torch.Tensor) -> torch.Tensor:
     """``emulate`` over every sample of ``data`` at the graph's static batch size."""
-    from fxq.calibrate import graph_batch_size
+    from fxq.calibrate import graph_batch_size, map_padded
 
-    bs = graph_batch_size(gm)
-    outs = []
-    for i in range(0, data.shape[0], bs):
-        chunk = data[i:i + bs]
-        real = chunk.shape[0]
-        if real < bs:
-            chunk = torch.cat([chunk, chunk[-1:].expand(bs - real, *chunk.shape[1:])])
-        out = emulate(gm, chunk)
-        outs.append((out[0] if isinstance(out, (tuple, list)) else out)[:real])
-    return torch.cat(outs)
+    return map_padded(lambda chunk: emulate(gm, chunk), data, graph_batch_size(gm))

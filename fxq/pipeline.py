@@ -170,15 +170,11 @@ def run_onnx(model_bytes: bytes, data: torch.Tensor, batch: int, threads: int = 
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
     sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    from fxq.calibrate import map_padded
+
     name = sess.get_inputs()[0].name
-    outs = []
-    for i in range(0, data.shape[0], batch):
-        chunk = data[i:i + batch]
-        real = chunk.shape[0]
-        if real < batch:
-            chunk = torch.cat([chunk, chunk[-1:].expand(batch - real, *chunk.shape[1:])])
-        outs.append(torch.from_numpy(np.asarray(sess.run(None, {name: chunk.numpy()})[0]))[:real])
-    return torch.cat(outs)
+    return map_padded(lambda chunk: torch.from_numpy(np.asarray(sess.run(None, {name: chunk.numpy()})[0])),
+                      data, batch)
 
 
 def export_fake_quant(gm: fx.GraphModule, path: Path) -> None:
