@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fxq-installed
+# idle OpenMP threads sleep instead of spinning (shared 2-core machines; see fxq/cli.py)
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test test-slow bench venv clean
 

@@ -24,6 +24,10 @@ from typing import Iterator, Sequence
 from rich.console import Console
 from rich.text import Text
 
+# Before torch (and its OpenMP runtime) loads: idle OpenMP threads sleep instead of spinning. On
+# a shared 2-core machine spinning threads starve each other, and compiles ran 10-25x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from . import __version__
 from . import options as opts
 from .errors import CalibrationDataError, FxqError, ModelLoadError
@@ -99,7 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--method", choices=opts.METHODS, default="rtn")
     com.add_argument("--loss", choices=opts.LOSSES, default="mse")
     com.add_argument("--iters", metavar="N", type=int, help="reconstruction iterations per region")
-    com.add_argument("--preset", choices=opts.PRESETS, default="fast")
+    com.add_argument("--preset", choices=opts.PRESETS, default="fast",
+                     help="reconstruction budget: fast (CPU-sized, default) or paper (20k iterations)")
+    com.add_argument("--tuning", choices=opts.TUNINGS, default="joint",
+                     help="reconstruction: learn rounding and activation steps together (joint) or "
+                          "rounding first with activations float, then steps (two-stage)")
+    com.add_argument("--drop-prob", metavar="P", type=float, default=0.5,
+                     help="--method qdrop: probability an activation stays float while training (default 0.5)")
     com.add_argument("--seed", metavar="S", type=int, default=0)
     com.add_argument("--calib-size", metavar="N", type=int, help="use the first N calibration samples")
     com.add_argument("--preprocess", choices=opts.PREPROCESS, default="imagenet",
@@ -109,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print one line per pass: its op-count changes")
     com.add_argument("--print-after", metavar="PASS", action="append", default=[],
                      help="print the graph after PASS (repeatable)")
-    com.add_argument("--resume", action="store_true", help="reuse finished stages from OUT")
+    com.add_argument("--resume", action="store_true",
+                     help="continue an interrupted reconstruction from OUT's checkpoint (same arguments)")
     com.set_defaults(func=cmd_compile)
     return parser
 
@@ -172,6 +183,9 @@ def build_options(args: argparse.Namespace) -> opts.CompileOptions:
     if args.calib_size is not None and args.calib_size < 1:
         raise CalibrationDataError(f"--calib-size must be at least 1; got {args.calib_size}.",
                                    "Pass e.g. --calib-size 256, or leave it out to use all samples.")
+    if not 0.0 <= args.drop_prob < 1.0:
+        raise UsageError(f"--drop-prob must be in [0, 1); got {args.drop_prob}.",
+                         "QDrop's reference value is 0.5 (the default).")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be between 0 and 2**32-1; got {args.seed}.", "Pick another seed.")
     _check_target(args.target)
@@ -189,7 +203,8 @@ def build_options(args: argparse.Namespace) -> opts.CompileOptions:
         preset=args.preset, seed=args.seed, calib_size=args.calib_size, preprocess=args.preprocess,
         bits=bits, budget_ms=args.budget_ms, print_diff=args.print_diff, print_summary=args.print_summary,
         weight_range=args.weight_range, bias_correction=args.bias_correction,
-        print_after=tuple(args.print_after), debug=args.debug, json=args.json, resume=args.resume)
+        print_after=tuple(args.print_after), debug=args.debug, json=args.json, resume=args.resume,
+        drop_prob=args.drop_prob, tuning=args.tuning)
 
 
 # --------------------------------------------------------------------------- commands
@@ -401,7 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return EXIT_BROKEN_PIPE
         except KeyboardInterrupt:
-            err.print(Text.assemble(("interrupted", "bold red"), "; previous outputs left intact"))
+            err.print(Text.assemble(("interrupted", "bold red"), "; previous outputs left intact (an "
+                                    "interrupted reconstruction continues with --resume)"))
             return EXIT_INTERRUPTED
         except Exception as exc:
             if debug:

@@ -10,6 +10,7 @@ METHODS = ("rtn", "adaround", "brecq", "qdrop")
 GRANULARITIES = ("layer", "block", "stage", "net")
 LOSSES = ("mse", "fisher")
 PRESETS = ("fast", "paper")
+TUNINGS = ("joint", "two-stage")
 PREPROCESS = ("imagenet", "none")
 TARGETS = ("ort-cpu",)
 WEIGHT_RANGES = ("auto", "full", "reduced")
@@ -27,6 +28,8 @@ class CompileOptions:
     granularity: str = "block"
     loss: str = "mse"
     iters: int | None = None
+    drop_prob: float = 0.5       # qdrop: chance an activation stays float while a region trains
+    tuning: str = "joint"        # reconstruction: rounding and step sizes "joint" or "two-stage"
     preset: str = "fast"
     seed: int = 0
     calib_size: int | None = None

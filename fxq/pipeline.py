@@ -34,30 +34,28 @@ class StageTimer:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
+VERIFY_CAP = 32  # samples verified when none are held out
+RECONSTRUCTING = ("adaround", "brecq", "qdrop")
+RESUME_DIR = ".fxq-resume"  # inside OUT: the reconstruction checkpoint of an unfinished compile
+
+
 def _unsupported(opts: CompileOptions) -> None:
     todo = []
-    if opts.method == "qdrop":
-        todo.append("--method qdrop")
-    if opts.loss != "mse":
-        todo.append(f"--loss {opts.loss}")
     if opts.budget_ms is not None or opts.bits is not None:
         todo.append("--budget-ms/--bits (mixed precision search)")
     if opts.backend != "onnx-qdq":
         todo.append(f"--backend {opts.backend}")
-    if opts.resume:
-        todo.append("--resume")
     if todo:
         raise FxqError(f"Not implemented yet in this version of fxq: {', '.join(todo)}.",
-                       "Use --method rtn|adaround|brecq with --loss mse, --backend onnx-qdq and uniform "
-                       "--weight-bits/--act-bits for now.")
+                       "Use --backend onnx-qdq and uniform --weight-bits/--act-bits for now.")
 
 
 def split_holdout(data: torch.Tensor, holdout: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Hold back the last samples for verification; with too few samples, verify on calib data."""
     n = data.shape[0]
     hold = min(holdout, n // 4)
-    if hold < 1:
-        return data, data, False
+    if hold < 1:  # verification then reuses (at most 32) calibration samples: it is a parity check
+        return data, data[:VERIFY_CAP], False
     return data[:-hold], data[-hold:], True
 
 
@@ -107,16 +105,18 @@ def quantize_graph(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions
         gm = pm.run(gm)
     with timer.stage("calibrate"):
         calibrate_activations(gm, calib, progress=progress)
-    if opts.method in ("adaround", "brecq"):
-        from dataclasses import replace
+    if opts.method in RECONSTRUCTING:
+        from fxq.reconstruct import config_for, reconstruct
+        from fxq.resume import Checkpoint, fingerprint
 
-        from fxq.reconstruct import PRESETS, reconstruct
-
-        cfg = PRESETS[opts.preset]
-        if opts.iters is not None:
-            cfg = replace(cfg, iters=opts.iters)
+        cfg = config_for(opts.preset, opts.method, opts.loss, opts.iters, opts.drop_prob, opts.tuning)
         with timer.stage("reconstruct"):
-            gm.meta["fxq.reconstruction"] = reconstruct(gm, calib, cfg, seed=opts.seed, progress=progress)
+            ckpt = Checkpoint(Path(opts.out_dir) / RESUME_DIR, fingerprint(gm, calib, repr((cfg, opts.seed))),
+                              resume=opts.resume, console=console)
+            gm.meta["fxq.reconstruction"] = reconstruct(gm, calib, cfg, seed=opts.seed, progress=progress,
+                                                        checkpoint=ckpt)
+            gm.meta["fxq.reconstruction_config"] = cfg
+            gm.meta["fxq.checkpoint"] = ckpt
     elif opts.bias_correction:  # reconstruction already fits each region's output, shift included
         from fxq.bias_correction import correct_biases
 
@@ -186,9 +186,11 @@ def export_fake_quant(gm: fx.GraphModule, path: Path) -> None:
         torch.export.save(ep, str(tmp))
 
 
-def compile_model(loaded, calib: torch.Tensor, opts: CompileOptions, console=None,
+def compile_model(loaded, calib, opts: CompileOptions, console=None,
                   keep: dict | None = None) -> dict:
-    """Compile ``loaded`` (an ``fxq.loading.LoadedModel`` or an (module, example_inputs) pair).
+    """Compile ``loaded`` (an ``fxq.loading.LoadedModel`` or an (module, example_inputs) pair)
+    with ``calib``: a tensor [N, ...], any iterable of sample or batch tensors, or a path that
+    ``fxq.calib_data.load_calibration`` reads.
 
     Returns the report. Pass a dict as ``keep`` to also receive the quantized graph module
     (``keep["graph_module"]``), e.g. to run ``fxq.emulate`` on it."""
@@ -205,6 +207,11 @@ def compile_model(loaded, calib: torch.Tensor, opts: CompileOptions, console=Non
     out_dir = ensure_output_dir(Path(opts.out_dir))
     module, example_inputs = (loaded.module, loaded.example_inputs) if hasattr(loaded, "module") else loaded
 
+    if not isinstance(calib, torch.Tensor) or opts.calib_size is not None:
+        from fxq.calib_data import load_calibration  # any iterable of tensors; checked up front
+
+        calib = load_calibration(calib, tuple(example_inputs[0].shape), size=opts.calib_size,
+                                 preprocess=opts.preprocess)
     calib_set, holdout, held_out = split_holdout(calib, opts.holdout)
     with timer.stage("capture"):
         gm = capture(module, example_inputs)
@@ -265,16 +272,28 @@ def compile_model(loaded, calib: torch.Tensor, opts: CompileOptions, console=Non
                     "speedup_vs_float": round(lat_f["median_ms"] / lat_q["median_ms"], 3)},
         "layers": layer_table(gm),
         "regions": _regions_with_losses(regions, gm.meta.get("fxq.reconstruction", [])),
-        "reconstruction": {"preset": opts.preset, "iters": opts.iters} if opts.method != "rtn" else None,
+        "reconstruction": _reconstruction_json(gm.meta.get("fxq.reconstruction_config"), opts),
         "passes": [{"name": name, "modified": res.modified, "stats": _jsonable(res.stats)} for name, res in pm.history],
         "verification": verification,
         "artifacts": {"model.onnx": len(onnx_bytes), "float_onnx_bytes": len(float_bytes)},
         "timings_s": timer.seconds,
     }
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
+    if gm.meta.get("fxq.checkpoint") is not None:  # the artifacts are complete: nothing to resume
+        gm.meta["fxq.checkpoint"].clear()
     if keep is not None:
         keep["graph_module"] = gm
     return report
+
+
+def _reconstruction_json(cfg, opts: CompileOptions) -> dict | None:
+    if cfg is None:
+        return None
+    from dataclasses import asdict
+
+    return {"preset": opts.preset, "loss": cfg.loss, "tuning": cfg.tuning, "iters": cfg.iters,
+            "batch_size": cfg.batch_size, "samples": cfg.samples, "drop_prob": cfg.drop_prob,
+            "config": asdict(cfg)}
 
 
 def _regions_with_losses(regions, recon: list[dict]) -> list[dict]:

@@ -52,6 +52,27 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return (q - zero_point) * scale
 
 
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity in the backward pass (straight-through estimator):
+    ``torch.round`` alone has a zero gradient and would cut every path through a quantizer."""
+    return x + (torch.round(x) - x).detach()
+
+
+def scale_grad(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """``t`` unchanged in the forward pass, its gradient multiplied by ``factor``."""
+    return (t - t * factor).detach() + t * factor
+
+
+def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """The same values as ``fake_quantize``, differentiable in ``x`` (straight-through inside
+    the clipping range, zero outside) and in ``scale`` (the LSQ step-size gradient, Esser et al.
+    2020, scaled by 1 / sqrt(elements per sample * qmax) so step and weight updates balance)."""
+    per_sample = x[0].numel() if x.dim() > 1 else x.numel()
+    s = scale_grad(scale, 1.0 / math.sqrt(max(per_sample * qmax, 1)))
+    q = torch.clamp(round_ste(x / s) + zero_point, qmin, qmax)
+    return (q - zero_point) * s
+
+
 LP_NORM = 2.4  # the reference's clipping-search exponent: between MSE and max-error
 DEAD_CHANNEL_FLOOR = 1e-3
 
@@ -181,6 +202,11 @@ class ActQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.tensor(0.0))
         self.mode = "quantize"
         self.calibrated = False
+        # Set by reconstruction only: a learnable copy of ``scale`` (kept out of the module's
+        # parameters so state dicts and the lowering only ever see the frozen buffer), and the
+        # QDrop probability of passing an element through unquantized while training.
+        self.__dict__["learned_scale"] = None
+        self.drop_prob = 0.0
         self._reset_observations()
 
     def _reset_observations(self):
@@ -196,7 +222,28 @@ class ActQuantizer(nn.Module):
             return x
         if self.mode == "off":
             return x
+        if torch.is_grad_enabled() and (x.requires_grad or self.learned_scale is not None):
+            scale = self.scale if self.learned_scale is None else self.learned_scale
+            q = lsq_fake_quantize(x, scale, self.zero_point, self.spec.qmin, self.spec.qmax)
+            if self.drop_prob > 0.0:
+                q = torch.where(torch.rand_like(x) < self.drop_prob, x, q)
+            return q
         return fake_quantize(x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax)
+
+    def start_learning(self) -> torch.nn.Parameter:
+        """A trainable step size initialised from the calibrated one (LSQ)."""
+        p = nn.Parameter(self.scale.detach().clone())
+        self.__dict__["learned_scale"] = p
+        return p
+
+    def stop_learning(self) -> None:
+        """Freeze the learned step size into ``scale`` (floored: a step must stay positive)."""
+        p = self.learned_scale
+        if p is not None:
+            with torch.no_grad():
+                self.scale.copy_(p.detach().clamp_min(1e-8))
+        self.__dict__["learned_scale"] = None
+        self.drop_prob = 0.0
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:

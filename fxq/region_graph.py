@@ -76,6 +76,15 @@ class ValueStore:
     def __len__(self) -> int:
         return len(self._items)
 
+    def release(self) -> None:
+        """Give the memory back to the budget and delete spilled files."""
+        for item in self._items:
+            if isinstance(item, Path):
+                item.unlink(missing_ok=True)
+            else:
+                self.budget.used -= item.numel() * item.element_size()
+        self._items = []
+
     def __getitem__(self, i: int) -> torch.Tensor:
         item = self._items[i]
         return torch.load(item, weights_only=True) if isinstance(item, Path) else item
@@ -91,6 +100,7 @@ class MemoryBudget:
         self.used = 0
         self._dir = Path(spill_dir) if spill_dir else None
         self._own_dir = spill_dir is None
+        self._serial = 0  # stores of the same node (float target, quantized input) never share files
 
     def take(self, nbytes: int) -> bool:
         if self.used + nbytes > self.max_bytes:
@@ -102,7 +112,8 @@ class MemoryBudget:
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="fxq-cache-"))
         self._dir.mkdir(parents=True, exist_ok=True)
-        return self._dir / f"{name}-{index}.pt"
+        self._serial += 1
+        return self._dir / f"{name}-{index}-{self._serial}.pt"
 
     def cleanup(self) -> None:
         if self._own_dir and self._dir is not None:

@@ -126,9 +126,9 @@ def test_bias_correction_reduces_output_error(tmp_path):
             > without["verification"]["fake_quant_vs_float"]["mean_cosine"])
 
 
-def test_unimplemented_method_is_a_clear_error(tmp_path):
+def test_unimplemented_option_is_a_clear_error(tmp_path):
     with pytest.raises(Exception, match="Not implemented yet"):
-        _compile(tmp_path, method="qdrop")
+        _compile(tmp_path, backend="tensorrt")
     assert not (tmp_path / "out" / "model.onnx").exists()
 
 
@@ -165,3 +165,14 @@ def test_reconstruction_lowers_region_loss_and_beats_round_to_nearest(tmp_path, 
     assert q_rec > rtn["verification"]["fake_quant_vs_float"]["mean_cosine"]
     # the learned rounding reaches the ONNX model: ONNX Runtime agrees with the fake-quant model
     assert rec["verification"]["onnx_vs_fake_quant"]["mean_cosine"] > 0.999
+
+
+def test_python_api_takes_any_iterable_of_tensors_and_calib_size(tmp_path):
+    samples = list(_calib(40))  # 40 tensors [3, 16, 16]
+    opts = CompileOptions(out_dir=tmp_path / "it", calib_size=32, holdout=8)
+    report = compile_model((_model(), (torch.zeros(1, 3, 16, 16),)), iter(samples), opts)
+    assert report["calibration_samples"] == 24 and report["verification"]["holdout_samples"] == 8
+    bad = samples[:3] + [torch.full((3, 16, 16), float("nan"))]
+    with pytest.raises(Exception, match="NaN"):
+        compile_model((_model(), (torch.zeros(1, 3, 16, 16),)), bad, CompileOptions(out_dir=tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "model.onnx").exists()
