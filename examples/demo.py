@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="fxq-out/demo")
     ap.add_argument("--calib", type=int, default=256, help="calibration crops")
     ap.add_argument("--eval", type=int, default=500, help="evaluation crops (photos disjoint from calibration)")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="reconstruction steps per region for the W4A8 run (default: the fast preset's)")
     args = ap.parse_args(argv)
     console = Console(stderr=False)
 
@@ -57,7 +59,8 @@ def main(argv=None) -> int:
         "W8A8 rtn": CompileOptions(out_dir=Path(args.out) / "w8a8-rtn", weight_bits=8, act_bits=8,
                                    method="rtn", print_summary=True),
         "W4A8 brecq (fast preset)": CompileOptions(out_dir=Path(args.out) / "w4a8-brecq", weight_bits=4,
-                                                   act_bits=8, method="brecq", preset="fast"),
+                                                   act_bits=8, method="brecq", preset="fast",
+                                                   iters=args.iters),
     }
     results = {}
     for label, opts in runs.items():

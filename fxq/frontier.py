@@ -23,10 +23,6 @@ from fxq.region_graph import MemoryBudget, ValueStore, extract_region
 CHUNK = 32  # cached batches per segment call
 
 
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-
-
 def _reached_inputs(gm: fx.GraphModule, output: str, available: set[str]) -> list[str]:
     """The available values a walk back from ``output`` stops at, in graph order."""
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -106,7 +102,7 @@ class Frontier:
             items = range(start, stop)
             if batched:
                 try:
-                    out = seg(*[_channels_last(torch.cat([s[i] for i in items])) for s in stores])
+                    out = seg(*[torch.cat([s[i] for i in items]) for s in stores])
                     sizes = [stores[0][i].shape[0] for i in items]
                     pieces = list(torch.split(out, sizes)) if out.shape[0] == sum(sizes) else None
                     if pieces is not None and key not in self.batched:

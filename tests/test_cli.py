@@ -132,6 +132,8 @@ VALIDATION_CASES = [
     (["--calib-size", "0"], "--calib-size must be at least 1"),
     (["--calib-size", "-5"], "--calib-size must be at least 1"),
     (["--seed", "-1"], "--seed must be between"),
+    (["--drop-prob", "1"], "--drop-prob must be in [0, 1)"),
+    (["--drop-prob", "-0.1"], "--drop-prob must be in [0, 1)"),
     (["--input-shape", "1,3,x"], "is not a shape"),
     (["--target", "profile.json"], "does not exist"),
 ]
@@ -149,6 +151,7 @@ def test_compile_validates_options_before_loading(capsys, env, tmp_path, no_load
 @pytest.mark.parametrize("flag,value", [("--backend", "tflite"), ("--method", "gptq"),
                                         ("--granularity", "layerz"), ("--loss", "l1"),
                                         ("--preset", "slow"), ("--preprocess", "torch"),
+                                        ("--tuning", "sequential"),
                                         ("--weight-bits", "four")])
 def test_compile_rejects_unknown_choices(capsys, env, tmp_path, no_load, flag, value):
     code, out, err = run(capsys, "compile", env / "model.pt2", "--calib", env / "calib.pt",
