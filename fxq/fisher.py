@@ -27,21 +27,8 @@ import torch.nn.functional as F
 from torch import fx
 
 from fxq.calibrate import batches, graph_batch_size
-from fxq.region_graph import MemoryBudget, ValueStore
+from fxq.region_graph import MemoryBudget, ValueStore, _Recorder
 from fxq.reconstruct import quantizers_off
-
-
-class _Tap(fx.Interpreter):
-    def __init__(self, gm, wanted: set[str]):
-        super().__init__(gm)
-        self.wanted = wanted
-        self.values: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n.name in self.wanted:
-            self.values[n.name] = out
-        return out
 
 
 def prediction_loss(reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -85,7 +72,7 @@ def fisher_weights(gm: fx.GraphModule, data: torch.Tensor, names: list[str], bud
             reference = gm(chunk)
         with torch.enable_grad():
             x = chunk.clone().requires_grad_(True)  # every value downstream carries a gradient
-            tap = _Tap(gm, set(names))
+            tap = _Recorder(gm, set(names), last=None)  # records the values, keeps their graph
             out = tap.run(x)
             taps = [tap.values[n] for n in names]
             grads = torch.autograd.grad(prediction_loss(reference, out), taps, allow_unused=True)

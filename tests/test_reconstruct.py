@@ -127,10 +127,8 @@ def test_same_seed_same_model_bytes(tmp_path, method):
     assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
 
 
-def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    _compile(tmp_path / "full", method="qdrop")
-    assert not (tmp_path / "full" / RESUME_DIR / "reconstruction.ckpt").exists()  # cleared on success
-
+def _interrupt_at_second_region(monkeypatch):
+    """Make reconstruction raise KeyboardInterrupt when the second region starts."""
     real = reconstruct_mod._reconstruct_region
     calls = []
 
@@ -141,6 +139,14 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tmp_path, monkeyp
         return real(*args, **kw)
 
     monkeypatch.setattr(reconstruct_mod, "_reconstruct_region", interrupted)
+    return real, calls
+
+
+def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    _compile(tmp_path / "full", method="qdrop")
+    assert not (tmp_path / "full" / RESUME_DIR / "reconstruction.ckpt").exists()  # cleared on success
+
+    real, calls = _interrupt_at_second_region(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _compile(tmp_path / "cut", method="qdrop")
     assert (tmp_path / "cut" / RESUME_DIR / "reconstruction.ckpt").exists()
@@ -154,16 +160,7 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tmp_path, monkeyp
 
 
 def test_resume_refuses_a_checkpoint_of_another_compile(tmp_path, monkeypatch):
-    real = reconstruct_mod._reconstruct_region
-    calls = []
-
-    def interrupted(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(reconstruct_mod, "_reconstruct_region", interrupted)
+    real, _ = _interrupt_at_second_region(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _compile(tmp_path / "out")
     monkeypatch.setattr(reconstruct_mod, "_reconstruct_region", real)
