@@ -62,20 +62,25 @@ class _Normalized:
         return 0.5 + 0.5 * g2 / self.mean
 
 
-def fisher_weights(gm: fx.GraphModule, data: torch.Tensor, names: list[str], budget: MemoryBudget) -> FisherWeights:
-    """Squared KL gradients at nodes ``names`` for every calibration batch (one pass)."""
+def fisher_weights(gm: fx.GraphModule, data: torch.Tensor, names: list[str], budget: MemoryBudget,
+                   reference: ValueStore | None = None) -> FisherWeights:
+    """Squared KL gradients at nodes ``names`` for every calibration batch (one pass).
+    ``reference``: the float model's outputs per batch, if already recorded."""
     stores = {n: ValueStore(f"fisher-{n}", budget) for n in names}
     sums = dict.fromkeys(names, 0.0)
     counts = dict.fromkeys(names, 0)
-    for chunk in batches(data, graph_batch_size(gm)):
-        with torch.no_grad(), quantizers_off(gm):
-            reference = gm(chunk)
+    for i, chunk in enumerate(batches(data, graph_batch_size(gm))):
+        if reference is not None:
+            float_out = reference[i]
+        else:
+            with torch.no_grad(), quantizers_off(gm):
+                float_out = gm(chunk)
         with torch.enable_grad():
             x = chunk.clone().requires_grad_(True)  # every value downstream carries a gradient
             tap = _Recorder(gm, set(names), last=None)  # records the values, keeps their graph
             out = tap.run(x)
             taps = [tap.values[n] for n in names]
-            grads = torch.autograd.grad(prediction_loss(reference, out), taps, allow_unused=True)
+            grads = torch.autograd.grad(prediction_loss(float_out, out), taps, allow_unused=True)
         for name, z, g in zip(names, taps, grads):
             g2 = torch.zeros_like(z) if g is None else g.detach().pow(2)
             stores[name].append(g2)

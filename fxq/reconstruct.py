@@ -312,7 +312,9 @@ def _float_side(gm, data, regions, cfg, budget, progress):
     the float inputs QDrop mixes in, and (for ``--loss fisher``) the Fisher weights."""
     outputs = sorted({r.output for r in regions})
     inputs = sorted({n for r in regions for n in r.inputs}) if cfg.drop_prob > 0 else []
-    names = sorted(set(outputs) | set(inputs))
+    # the Fisher pass compares against the float predictions: record them in the same pass
+    logits = [n.args[0].name for n in gm.graph.nodes if n.op == "output"] if cfg.loss == "fisher" else []
+    names = sorted(set(outputs) | set(inputs) | set(logits))
     with quantizers_off(gm):
         stores = record_values(gm, data, names, budget) if names else {}
     fisher = None
@@ -320,7 +322,7 @@ def _float_side(gm, data, regions, cfg, budget, progress):
         from fxq.fisher import fisher_weights
 
         task = progress.add_task("Fisher weights", total=None) if progress else None
-        fisher = fisher_weights(gm, data, outputs, budget)
+        fisher = fisher_weights(gm, data, outputs, budget, reference=stores[logits[0]])
         if progress:
             progress.remove_task(task)
     return ({n: stores[n] for n in outputs}, {n: stores[n] for n in inputs}, fisher)
