@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "rounding first with activations float, then steps (two-stage)")
     com.add_argument("--drop-prob", metavar="P", type=float, default=0.5,
                      help="--method qdrop: probability an activation stays float while training (default 0.5)")
+    com.add_argument("--device", default="auto",
+                     help="where reconstruction trains: auto (a CUDA GPU when PyTorch sees one, else the "
+                          "CPU), cpu, cuda or cuda:N; everything else runs on the CPU")
     com.add_argument("--seed", metavar="S", type=int, default=0)
     com.add_argument("--calib-size", metavar="N", type=int, help="use the first N calibration samples")
     com.add_argument("--preprocess", choices=opts.PREPROCESS, default="imagenet",
@@ -186,6 +190,9 @@ def build_options(args: argparse.Namespace) -> opts.CompileOptions:
     if not 0.0 <= args.drop_prob < 1.0:
         raise UsageError(f"--drop-prob must be in [0, 1); got {args.drop_prob}.",
                          "QDrop's reference value is 0.5 (the default).")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device.strip().lower()):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N; got {args.device!r}.",
+                         "Leave it out to use a GPU when there is one.")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be between 0 and 2**32-1; got {args.seed}.", "Pick another seed.")
     _check_target(args.target)
@@ -204,7 +211,7 @@ def build_options(args: argparse.Namespace) -> opts.CompileOptions:
         bits=bits, budget_ms=args.budget_ms, print_diff=args.print_diff, print_summary=args.print_summary,
         weight_range=args.weight_range, bias_correction=args.bias_correction,
         print_after=tuple(args.print_after), debug=args.debug, json=args.json, resume=args.resume,
-        drop_prob=args.drop_prob, tuning=args.tuning)
+        drop_prob=args.drop_prob, tuning=args.tuning, device=args.device)
 
 
 # --------------------------------------------------------------------------- commands

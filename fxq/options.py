@@ -31,6 +31,7 @@ class CompileOptions:
     drop_prob: float = 0.5       # qdrop: chance an activation stays float while a region trains
     tuning: str = "joint"        # reconstruction: rounding and step sizes "joint" or "two-stage"
     preset: str = "fast"
+    device: str = "auto"         # where reconstruction trains: auto (CUDA if available) | cpu | cuda[:N]
     seed: int = 0
     calib_size: int | None = None
     preprocess: str = "imagenet"

@@ -109,12 +109,17 @@ def quantize_graph(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions
         from fxq.reconstruct import config_for, reconstruct
         from fxq.resume import Checkpoint, fingerprint
 
+        from fxq.devices import resolve_device
+
         cfg = config_for(opts.preset, opts.method, opts.loss, opts.iters, opts.drop_prob, opts.tuning)
+        device = resolve_device(opts.device)
+        gm.meta["fxq.reconstruction_device"] = str(device)
         with timer.stage("reconstruct"):
-            ckpt = Checkpoint(Path(opts.out_dir) / RESUME_DIR, fingerprint(gm, calib, repr((cfg, opts.seed))),
-                              resume=opts.resume, console=console)
+            # the device is part of the job: a GPU's float arithmetic differs from the CPU's
+            job = fingerprint(gm, calib, repr((cfg, opts.seed, device.type)))
+            ckpt = Checkpoint(Path(opts.out_dir) / RESUME_DIR, job, resume=opts.resume, console=console)
             gm.meta["fxq.reconstruction"] = reconstruct(gm, calib, cfg, seed=opts.seed, progress=progress,
-                                                        checkpoint=ckpt)
+                                                        checkpoint=ckpt, device=device)
             gm.meta["fxq.reconstruction_config"] = cfg
             gm.meta["fxq.checkpoint"] = ckpt
     elif opts.bias_correction:  # reconstruction already fits each region's output, shift included
@@ -202,6 +207,10 @@ def compile_model(loaded, calib, opts: CompileOptions, console=None,
     from fxq.capture import capture
 
     _unsupported(opts)
+    if opts.method in RECONSTRUCTING:  # a missing GPU is reported before any work starts
+        from fxq.devices import resolve_device
+
+        resolve_device(opts.device)
     torch.manual_seed(opts.seed)
     timer = StageTimer()
     out_dir = ensure_output_dir(Path(opts.out_dir))
@@ -272,7 +281,8 @@ def compile_model(loaded, calib, opts: CompileOptions, console=None,
                     "speedup_vs_float": round(lat_f["median_ms"] / lat_q["median_ms"], 3)},
         "layers": layer_table(gm),
         "regions": _regions_with_losses(regions, gm.meta.get("fxq.reconstruction", [])),
-        "reconstruction": _reconstruction_json(gm.meta.get("fxq.reconstruction_config"), opts),
+        "reconstruction": _reconstruction_json(gm.meta.get("fxq.reconstruction_config"), opts,
+                                               gm.meta.get("fxq.reconstruction_device")),
         "passes": [{"name": name, "modified": res.modified, "stats": _jsonable(res.stats)} for name, res in pm.history],
         "verification": verification,
         "artifacts": {"model.onnx": len(onnx_bytes), "float_onnx_bytes": len(float_bytes)},
@@ -286,12 +296,12 @@ def compile_model(loaded, calib, opts: CompileOptions, console=None,
     return report
 
 
-def _reconstruction_json(cfg, opts: CompileOptions) -> dict | None:
+def _reconstruction_json(cfg, opts: CompileOptions, device: str | None) -> dict | None:
     if cfg is None:
         return None
     from dataclasses import asdict
 
-    return {"preset": opts.preset, "loss": cfg.loss, "tuning": cfg.tuning, "iters": cfg.iters,
+    return {"preset": opts.preset, "device": device, "loss": cfg.loss, "tuning": cfg.tuning, "iters": cfg.iters,
             "batch_size": cfg.batch_size, "samples": cfg.samples, "drop_prob": cfg.drop_prob,
             "config": asdict(cfg)}
 
@@ -301,7 +311,8 @@ def _regions_with_losses(regions, recon: list[dict]) -> list[dict]:
     out = []
     for region in regions:
         r = by_name.get(region.name, {})
-        out.append(dict(region.to_json(), loss_before=r.get("loss_before"), loss_after=r.get("loss_after")))
+        out.append(dict(region.to_json(), loss_before=r.get("loss_before"), loss_after=r.get("loss_after"),
+                        seconds=r.get("seconds"), train_seconds=r.get("train_seconds")))
     return out
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -142,6 +143,7 @@ class _RegionData:
         self.q_inputs, self.f_inputs, self.target, self.weight = q_inputs, f_inputs, target, weight
         self.names = names
         self.n = len(target)
+        self.device = target[0].device if self.n else torch.device("cpu")
 
     def inputs(self, idx, drop_prob: float, gen: torch.Generator | None):
         xs = []
@@ -150,7 +152,8 @@ class _RegionData:
             if drop_prob > 0.0 and name in self.f_inputs:
                 # QDrop on the region's input: each element comes from the float model with prob p
                 f = [self.f_inputs[name][i] for i in idx]
-                q = [torch.where(torch.rand(a.shape, generator=gen) < drop_prob, b, a) for a, b in zip(q, f)]
+                q = [torch.where(torch.rand(a.shape, generator=gen, device=a.device) < drop_prob, b, a)
+                     for a, b in zip(q, f)]
             xs.append(q)
         return xs
 
@@ -199,9 +202,11 @@ def _train(params_groups, steps: int, loss_fn, progress=None, task=None, label="
         loss.backward()
         opt.step()
         sched.step()
-        last = float(loss.detach())
-        if progress is not None and (step % 10 == 0 or step == steps - 1):
-            progress.update(task, completed=offset + step + 1, description=f"{label} loss {last:.4g}")
+        # reading the loss waits for the device: only as often as the progress bar shows it
+        if step % 10 == 0 or step == steps - 1:
+            last = float(loss.detach())
+            if progress is not None:
+                progress.update(task, completed=offset + step + 1, description=f"{label} loss {last:.4g}")
     return last
 
 
@@ -216,8 +221,8 @@ def _step_groups(acts, rate: float) -> list[dict]:
 def _train_region(sub, data: _RegionData, quantizers, acts, cfg: ReconConfig, seed: int,
                   progress=None, label="") -> None:
     rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # QDrop's masks inside the region's activation quantizers
+    gen = torch.Generator(device=data.device).manual_seed(seed)
+    torch.manual_seed(seed)  # QDrop's masks inside the region's activation quantizers (CUDA too)
     batched = [True]
 
     def pick():
@@ -271,20 +276,23 @@ def _train_region(sub, data: _RegionData, quantizers, acts, cfg: ReconConfig, se
 
 
 def reconstruct(gm: fx.GraphModule, calib: torch.Tensor, cfg: ReconConfig, seed: int = 0,
-                progress=None, checkpoint=None) -> list[dict]:
+                progress=None, checkpoint=None, device: str | torch.device = "cpu") -> list[dict]:
     """Reconstruct every region of ``gm.meta["fxq.regions"]`` in order; returns per-region
     losses (mean per-sample squared error of the region output on up to 16 cached batches,
-    before and after). ``checkpoint`` (a ``fxq.resume.Checkpoint``) restores finished regions
-    and records each region as it finishes."""
+    before and after) and wall times. ``checkpoint`` (a ``fxq.resume.Checkpoint``) restores
+    finished regions and records each region as it finishes. On a CUDA ``device`` the model,
+    the cached values and the training run there; ``gm`` is back on the CPU on return."""
+    from fxq.devices import cache_cap, on_device
     from fxq.frontier import Frontier
 
-    data = calib[:cfg.samples]
-    budget = MemoryBudget(cfg.cache_bytes)
+    device = torch.device(device)
+    data = calib[:cfg.samples].to(device)
+    budget = MemoryBudget(cache_cap(device, cfg.cache_bytes), device=device)
     frontier = None
     results = []
     regions = [r for r in gm.meta.get("fxq.regions", []) if r.layers]
     try:
-        with _frozen_parameters(gm):
+        with on_device(gm, device), _frozen_parameters(gm):
             targets, f_inputs, fisher = _float_side(gm, data, regions, cfg, budget, progress)
             done = checkpoint.restore(gm, regions) if checkpoint is not None else []
             frontier = Frontier(gm, data, budget)
@@ -329,6 +337,7 @@ def _float_side(gm, data, regions, cfg, budget, progress):
 
 
 def _reconstruct_region(gm, region, k, frontier, targets, f_inputs, fisher, cfg, seed, progress) -> dict:
+    start = time.perf_counter()
     quantizers = adaround_quantizers(gm, region.layers)
     sub, names = extract_region(gm, region.output, list(region.inputs))
     acts = _act_quantizers(sub)
@@ -342,10 +351,13 @@ def _reconstruct_region(gm, region, k, frontier, targets, f_inputs, fisher, cfg,
     before = rd.mean_error(sub, probe)
     for q in quantizers:
         q.hard = False
+    trained = time.perf_counter()
     if quantizers or (cfg.learn_act and acts):
         _train_region(sub, rd, quantizers, acts, cfg, seed * 1000003 + k, progress,
                       label=f"{region.name} ({len(quantizers)} layers)")
+    trained = time.perf_counter() - trained  # _train reads the last loss: the device is done
     after = rd.mean_error(sub, probe)
     frontier.forget({n.target for n in sub.graph.nodes if n.op == "call_module"})
     return {"region": region.name, "kind": region.kind, "layers": len(quantizers),
-            "activation_quantizers": len(acts), "loss_before": before, "loss_after": after}
+            "activation_quantizers": len(acts), "loss_before": before, "loss_after": after,
+            "seconds": round(time.perf_counter() - start, 3), "train_seconds": round(trained, 3)}

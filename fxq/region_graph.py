@@ -5,7 +5,9 @@ its output as the *float* model computes it, on every calibration sample. ``extr
 cuts the region out of the graph module (sharing its parameters and quantizer modules, so
 training the sub-graph trains the model); ``record_values`` streams the calibration set once
 through an ``fx.Interpreter``, stops each sample as soon as the requested nodes are computed,
-and keeps the values in a ``ValueStore`` that spills to disk past a memory cap.
+and keeps the values in a ``ValueStore`` that spills to disk past a memory cap. Kept values live
+on the budget's device (the GPU when reconstruction runs there), so training batches are gathered
+without host-to-device copies.
 """
 from __future__ import annotations
 
@@ -64,13 +66,13 @@ class ValueStore:
         self._items: list[torch.Tensor | Path] = []
 
     def append(self, t: torch.Tensor) -> None:
-        t = t.detach().cpu()
+        t = t.detach()
         nbytes = t.numel() * t.element_size()
         if self.budget.take(nbytes):
-            self._items.append(t.clone())
+            self._items.append(t.to(self.budget.device, copy=True))
         else:
             path = self.budget.spill_path(self.name, len(self._items))
-            torch.save(t.clone(), path)
+            torch.save(t.cpu().clone(), path)
             self._items.append(path)
 
     def __len__(self) -> int:
@@ -87,7 +89,7 @@ class ValueStore:
 
     def __getitem__(self, i: int) -> torch.Tensor:
         item = self._items[i]
-        return torch.load(item, weights_only=True) if isinstance(item, Path) else item
+        return torch.load(item, weights_only=True, map_location=self.budget.device) if isinstance(item, Path) else item
 
     @property
     def spilled(self) -> int:
@@ -95,8 +97,11 @@ class ValueStore:
 
 
 class MemoryBudget:
-    def __init__(self, max_bytes: int, spill_dir: str | Path | None = None):
+    """A byte cap shared by the stores of one job, on one device (host memory for "cpu")."""
+
+    def __init__(self, max_bytes: int, spill_dir: str | Path | None = None, device: str | torch.device = "cpu"):
         self.max_bytes = max_bytes
+        self.device = torch.device(device)
         self.used = 0
         self._dir = Path(spill_dir) if spill_dir else None
         self._own_dir = spill_dir is None

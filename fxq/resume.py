@@ -50,7 +50,7 @@ class Checkpoint:
             self._say(f"--resume: no checkpoint at {self.path}; reconstructing from the first region.")
             return []
         try:
-            state = torch.load(self.path, weights_only=True)
+            state = torch.load(self.path, weights_only=True, map_location="cpu")
         except Exception as exc:  # a damaged file is the user's to delete, not a crash
             raise FxqError(f"The reconstruction checkpoint {self.path} cannot be read ({exc}).",
                            "Delete it and run again without --resume.") from exc
@@ -83,10 +83,11 @@ class Checkpoint:
         state = {
             "job": self.job,
             "results": results,
-            "alpha": {n: m.alpha.detach().clone() for n, m in gm.named_modules()
+            # host copies: a checkpoint written during a GPU run must load anywhere
+            "alpha": {n: m.alpha.detach().cpu().clone() for n, m in gm.named_modules()
                       if isinstance(m, AdaRoundQuantizer) and m.hard},
-            "act": {n: (m.scale.detach().clone(), m.zero_point.detach().clone()) for n, m in gm.named_modules()
-                    if isinstance(m, ActQuantizer)},
+            "act": {n: (m.scale.detach().cpu().clone(), m.zero_point.detach().cpu().clone())
+                    for n, m in gm.named_modules() if isinstance(m, ActQuantizer)},
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.path) as tmp:

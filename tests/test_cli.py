@@ -134,6 +134,7 @@ VALIDATION_CASES = [
     (["--seed", "-1"], "--seed must be between"),
     (["--drop-prob", "1"], "--drop-prob must be in [0, 1)"),
     (["--drop-prob", "-0.1"], "--drop-prob must be in [0, 1)"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
     (["--input-shape", "1,3,x"], "is not a shape"),
     (["--target", "profile.json"], "does not exist"),
 ]
