@@ -186,10 +186,10 @@ def main(argv=None) -> int:
         if p is None:
             raise SystemExit(f"--quality {name}: run its pilot too (--models)")
         per_iter = sum(r["train_seconds"] for r in p["regions"]) / p["iters"]
-        iters = int(min(PAPER_ITERS, max(p["iters"], args.budget_s / per_iter)) // 100 * 100)
+        iters = int(min(PAPER_ITERS, max(p["iters"], args.budget_s / per_iter // 100 * 100)))
         for preset, n in (("fast", None), ("paper", iters)):
             label = f"{name}-{preset}"
-            print(f"[quality] {label}: {n or PRESETS[preset].iters} iterations/region", flush=True)
+            print(f"[quality] {label}: {n if n is not None else PRESETS[preset].iters} iterations/region", flush=True)
             rep = compile_once(name, calib, args.setting, device, out / label, preset=preset, iters=n)
             cfg = rep["reconstruction"]
             row = {"model": name, "preset": preset, "iters": cfg["iters"], "batch_size": cfg["batch_size"],
