@@ -17,7 +17,7 @@ from typing import Any, Mapping, Union
 
 import numpy as np
 
-__all__ = ["ModelLike", "session", "measure_latency", "timing_report", "format_report"]
+__all__ = ["ModelLike", "session", "measure_latency", "timing_report", "format_report", "with_static_batch"]
 
 # a file path, serialized bytes, an onnx.ModelProto, or an onnxruntime.InferenceSession
 ModelLike = Union[str, os.PathLike, bytes, Any]
@@ -164,3 +164,35 @@ def format_report(report: Mapping[str, dict]) -> str:
         r0 = next(iter(report.values()))
         lines.append(f"({r0['runs']} runs each, {r0['threads']} intra-op threads, ORT CPU)")
     return "\n".join(lines)
+
+
+def with_static_batch(model: ModelLike, batch: int):
+    """A copy of ``model`` (an ``onnx.ModelProto``, bytes or path) whose inputs and outputs have
+    the static leading dimension ``batch`` instead of the one fxq captured.
+
+    fxq's ONNX graphs have the static batch of the example input they were captured with. For a
+    convolutional network nothing inside the graph depends on it (the classifier's reshape is a
+    ``Flatten(axis=1)``), so the same quantized file can be timed at another batch size by
+    restating the batch dimension of its inputs and outputs; the intermediate ``value_info``
+    shapes are dropped and ONNX Runtime infers them again. This is only a rewrite of declared
+    shapes: a graph that hard-codes the batch somewhere (a ``Reshape`` to a constant shape, say)
+    fails in ONNX Runtime or computes something else, so callers must check the result against
+    the original, sample by sample (``benchmarks/latency.py`` does).
+    """
+    import onnx
+
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    src = _model_bytes_or_path(model)
+    m = onnx.load_from_string(src) if isinstance(src, bytes) else onnx.load(src)
+    inits = {i.name for i in m.graph.initializer}
+    for vi in list(m.graph.input) + list(m.graph.output):
+        if vi.name in inits or not vi.type.HasField("tensor_type"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) == 0:
+            continue
+        dims[0].Clear()
+        dims[0].dim_value = batch
+    del m.graph.value_info[:]
+    return m

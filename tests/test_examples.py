@@ -181,6 +181,22 @@ def test_measure_latency_on_tiny_model(tmp_path):
     assert "median ms" in format_report(rep)
 
 
+
+def test_with_static_batch_restates_the_batch_of_a_static_graph(tmp_path):
+    from fxq.ort_timing import session, with_static_batch
+
+    m = _tiny_onnx()
+    x = np.random.default_rng(2).normal(size=(4, 3, 16, 16)).astype(np.float32)
+    m4 = with_static_batch(m, 4)
+    assert m4.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 4
+    assert m4.graph.output[0].type.tensor_type.shape.dim[0].dim_value == 4
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1  # the original is untouched
+    one = session(m, 1)
+    ref = np.concatenate([one.run(None, {"x": x[i:i + 1]})[0] for i in range(4)])
+    np.testing.assert_allclose(session(m4, 1).run(None, {"x": x})[0], ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        with_static_batch(m, 0)
+
 def _baselines():
     spec = importlib.util.spec_from_file_location(
         "fxq_bench_baselines", os.path.join(ROOT, "benchmarks", "baselines.py"))
