@@ -154,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quality", default="lite0", help="models to also compile for quality ('' for none)")
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="seconds of training the quality run may take (sets its iterations)")
+    ap.add_argument("--quality-iters", type=int, help="iterations of the quality run (default: from --budget-s)")
+    ap.add_argument("--quality-presets", default="fast,paper", help="presets of the quality runs")
     ap.add_argument("--eval", type=int, default=500)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="ONNX Runtime threads for evaluation")
     ap.add_argument("--out", default="bench-out/gpu")
@@ -183,11 +185,15 @@ def main(argv=None) -> int:
 
     for name in [m for m in args.quality.split(",") if m]:
         p = res["pilot"].get(name)
-        if p is None:
-            raise SystemExit(f"--quality {name}: run its pilot too (--models)")
-        per_iter = sum(r["train_seconds"] for r in p["regions"]) / p["iters"]
-        iters = int(min(PAPER_ITERS, max(p["iters"], args.budget_s / per_iter // 100 * 100)))
-        for preset, n in (("fast", None), ("paper", iters)):
+        if args.quality_iters is not None:
+            iters = args.quality_iters
+        elif p is None:
+            raise SystemExit(f"--quality {name}: run its pilot too (--models), or give --quality-iters")
+        else:
+            per_iter = sum(r["train_seconds"] for r in p["regions"]) / p["iters"]
+            iters = int(min(PAPER_ITERS, max(p["iters"], args.budget_s / per_iter // 100 * 100)))
+        runs = {"fast": None, "paper": iters}
+        for preset, n in [(k, runs[k]) for k in args.quality_presets.split(",") if k]:
             label = f"{name}-{preset}"
             print(f"[quality] {label}: {n if n is not None else PRESETS[preset].iters} iterations/region", flush=True)
             rep = compile_once(name, calib, args.setting, device, out / label, preset=preset, iters=n)
