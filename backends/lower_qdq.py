@@ -26,8 +26,10 @@ from fxq.quantizers import ActQuantizer, WeightQuantizer
 OPSET = 21
 
 
-def int_tensor_proto(name: str, values: np.ndarray, bits: int, signed: bool = True) -> onnx.TensorProto:
-    if bits <= 4:
+def int_tensor_proto(name: str, values: np.ndarray, bits: int, signed: bool = True,
+                     container: str | None = None) -> onnx.TensorProto:
+    """Integers as an initializer: ``container`` "int4"/"int8" (or by ``bits``: int4 up to 4)."""
+    if container == "int4" or (container is None and bits <= 4):
         dtype = TensorProto.INT4 if signed else TensorProto.UINT4
         return helper.make_tensor(name, dtype, values.shape, values.astype(np.int8 if signed else np.uint8).flatten().tolist())
     return numpy_helper.from_array(values.astype(np.int8 if signed else np.uint8), name)
@@ -41,35 +43,90 @@ def add_initializer(ctx, proto: onnx.TensorProto) -> str:
     return proto.name
 
 
-def make_qdq_handler(gm):
+# metadata_props keys on DequantizeLinear nodes: the grid a container holds
+META_BITS, META_QMIN, META_QMAX = "fxq.bits", "fxq.qmin", "fxq.qmax"
+META_CONTAINER, META_STORAGE = "fxq.container", "fxq.storage_rule"
+
+
+def _annotate(proto: onnx.NodeProto, **entries) -> None:
+    for key, value in entries.items():
+        prop = proto.metadata_props.add()
+        prop.key, prop.value = key, str(value)
+
+
+def new_notes() -> dict:
+    """What a lowering reports: per weight its storage, and warnings (one per storage row)."""
+    return {"weights": [], "warnings": {}}
+
+
+def make_qdq_handler(gm, table=None, notes: dict | None = None):
+    from fxq import ops
+    from fxq.backends.tables import ONNX_QDQ
+
+    table = table or ONNX_QDQ
+    notes = notes if notes is not None else new_notes()
+
+    def weight(ctx, node, module):
+        src = node.args[0]
+        w = get_attr(gm, src.target).detach() if src.op == "get_attr" else None
+        if w is None:
+            raise ValueError(f"weight quantizer {node.target} is not fed by a parameter")
+        spec = module.spec
+        layer = next((u for u in node.users if ops.is_layer(u)), None)
+        row, block = table.storage_for(layer.target if layer is not None else None, spec.bits, w.shape)
+        if block != spec.block_size:
+            raise ValueError(f"weight quantizer {node.target} has block size {spec.block_size}, the "
+                             f"{table.name} storage row {row.name} wants {block}")
+        q = module.int_weight(w).numpy()
+        scale = module.scale.detach().numpy().astype(np.float32)
+        axis = spec.axis or 0
+        if block:  # [out, in] -> [in, out], blocked along in (axis 0): DQ feeds MatMul directly
+            q, scale = q.T, scale.T
+        qname = add_initializer(ctx, int_tensor_proto(src.target + "_quantized", q, spec.bits,
+                                                      container=row.container))
+        sname = ctx.const(np.ascontiguousarray(scale), src.target + "_scale")
+        # Zero points explicit even when 0: ONNX Runtime's QGemm fusion requires them.
+        zshape = scale.shape if block else (q.shape[axis],)
+        zname = add_initializer(ctx, int_tensor_proto(src.target + "_zero_point", np.zeros(zshape, np.int8),
+                                                      spec.bits, container=row.container))
+        attrs = {"axis": 0, "block_size": block} if block else {"axis": axis}
+        out = ctx.node("DequantizeLinear", [qname, sname, zname], 1, **attrs)[0]
+        _annotate(ctx.nodes[-1], **{META_BITS: spec.bits, META_QMIN: spec.qmin, META_QMAX: spec.qmax,
+                                    META_CONTAINER: row.container, META_STORAGE: row.name})
+        notes["weights"].append({"layer": module.layer, "bits": spec.bits, "qmin": spec.qmin, "qmax": spec.qmax,
+                                 "container": row.container, "block": block, "rule": row.name})
+        if row.warn:
+            notes["warnings"].setdefault(row.name, row.warn)
+        if block:
+            ctx.bind_transposed(node, out)
+            out = ctx.op("Transpose", out, perm=[1, 0])  # the FX value's layout; unused by linear
+        return out
+
+    def activation(ctx, node, module):
+        x = ctx.value(node.args[0])
+        spec = module.spec
+        scale = float(module.scale)
+        zp = int(module.zero_point)
+        s = ctx.const(np.array(scale, dtype=np.float32), node.name + "_scale")
+        z = add_initializer(ctx, numpy_helper.from_array(
+            np.array(zp, dtype=np.uint8 if not spec.signed else np.int8), node.name + "_zero_point"))
+        if spec.bits < 8:
+            lo = ctx.const(np.array((spec.qmin - zp) * scale, dtype=np.float32), node.name + "_lo")
+            hi = ctx.const(np.array((spec.qmax - zp) * scale, dtype=np.float32), node.name + "_hi")
+            x = ctx.node("Clip", [x, lo, hi], 1)[0]
+            if table.low_bit_act_warn:
+                notes["warnings"].setdefault(f"{table.name}.low_bit_activations", table.low_bit_act_warn)
+        q = ctx.node("QuantizeLinear", [x, s, z], 1)[0]
+        out = ctx.node("DequantizeLinear", [q, s, z], 1)[0]
+        if spec.bits < 8:
+            _annotate(ctx.nodes[-1], **{META_BITS: spec.bits, META_QMIN: spec.qmin, META_QMAX: spec.qmax})
+        return out
+
     def handler(ctx, node, module):
         if isinstance(module, WeightQuantizer):
-            src = node.args[0]
-            w = get_attr(gm, src.target).detach() if src.op == "get_attr" else None
-            if w is None:
-                raise ValueError(f"weight quantizer {node.target} is not fed by a parameter")
-            q = module.int_weight(w).numpy()
-            qname = add_initializer(ctx, int_tensor_proto(src.target + "_quantized", q, module.spec.bits))
-            sname = ctx.const(module.scale.detach().numpy().astype(np.float32), src.target + "_scale")
-            # Zero points explicit even when 0: ONNX Runtime's QGemm fusion requires them.
-            zname = add_initializer(ctx, int_tensor_proto(src.target + "_zero_point",
-                                                          np.zeros(q.shape[module.spec.axis or 0], np.int8),
-                                                          module.spec.bits))
-            return ctx.node("DequantizeLinear", [qname, sname, zname], 1, axis=module.spec.axis or 0)[0]
+            return weight(ctx, node, module)
         if isinstance(module, ActQuantizer):
-            x = ctx.value(node.args[0])
-            spec = module.spec
-            scale = float(module.scale)
-            zp = int(module.zero_point)
-            s = ctx.const(np.array(scale, dtype=np.float32), node.name + "_scale")
-            z = add_initializer(ctx, numpy_helper.from_array(
-                np.array(zp, dtype=np.uint8 if not spec.signed else np.int8), node.name + "_zero_point"))
-            if spec.bits < 8:
-                lo = ctx.const(np.array((spec.qmin - zp) * scale, dtype=np.float32), node.name + "_lo")
-                hi = ctx.const(np.array((spec.qmax - zp) * scale, dtype=np.float32), node.name + "_hi")
-                x = ctx.node("Clip", [x, lo, hi], 1)[0]
-            q = ctx.node("QuantizeLinear", [x, s, z], 1)[0]
-            return ctx.node("DequantizeLinear", [q, s, z], 1)[0]
+            return activation(ctx, node, module)
         raise ValueError(f"no ONNX lowering for module {type(module).__name__} ({node.target})")
 
     return handler
@@ -225,6 +282,11 @@ def fold_zero_pad_into_conv(model: onnx.ModelProto) -> int:
             conv.attribute.extend(kept + [helper.make_attribute("pads", new)])
         if via_q:
             users[0].input[0] = pad.input[0]
+            # the Q/DQ values now hold the unpadded tensor: drop their (padded) value_info
+            stale = {users[0].output[0], *(d.output[0] for d in dqs)}
+            keep_info = [vi for vi in g.value_info if vi.name not in stale]
+            del g.value_info[:]
+            g.value_info.extend(keep_info)
         else:
             for conv in convs:
                 conv.input[0] = pad.input[0]
@@ -237,6 +299,22 @@ def fold_zero_pad_into_conv(model: onnx.ModelProto) -> int:
     return folded
 
 
+def prune_dead_nodes(model: onnx.ModelProto) -> int:
+    """Drop nodes none of whose outputs is read (ONNX ops have no side effects)."""
+    g = model.graph
+    used = {o.name for o in g.output}
+    keep = []
+    for n in reversed(g.node):
+        if any(o in used for o in n.output):
+            keep.append(n)
+            used.update(n.input)
+    removed = len(g.node) - len(keep)
+    if removed:
+        del g.node[:]
+        g.node.extend(reversed(keep))
+    return removed
+
+
 def prune_initializers(model: onnx.ModelProto) -> int:
     g = model.graph
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
@@ -247,17 +325,20 @@ def prune_initializers(model: onnx.ModelProto) -> int:
     return removed
 
 
-def lower_qdq(gm, opts=None, quantized: bool = True) -> onnx.ModelProto:
-    """ONNX QDQ model of ``gm``; with ``quantized=False`` the float graph (quantizers skipped)."""
+def lower_qdq(gm, opts=None, quantized: bool = True, notes: dict | None = None) -> onnx.ModelProto:
+    """ONNX QDQ model of ``gm``; with ``quantized=False`` the float graph (quantizers skipped).
+    ``notes`` (a ``new_notes()`` dict) receives each weight's storage and the warnings."""
     from fxq.backends.onnx_builder import lower_to_onnx
+    from fxq.backends.tables import ONNX_QDQ
 
     ex = gm.meta["fxq.example_inputs"]
-    handler = make_qdq_handler(gm) if quantized else None
+    handler = make_qdq_handler(gm, ONNX_QDQ, notes) if quantized else None
     model = lower_to_onnx(gm, ex, opset=OPSET, module_handler=handler)
     fold_zero_pad_into_conv(model)
     if quantized:
         quantize_biases(model)
         dedicate_dequantize(model)
+    prune_dead_nodes(model)
     prune_initializers(model)
     onnx.checker.check_model(model)
     return model

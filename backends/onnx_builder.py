@@ -167,6 +167,9 @@ class LoweringContext:
     ``ctx.reduce(op_type, value, axes, keepdims)``  Reduce* across opset differences.
     ``ctx.bind(fx_node, value)``    record the ONNX value(s) of an FX node (emitters usually just
                                     return the name(s) and let the driver bind them).
+    ``ctx.bind_transposed(fx_node, value)``  record that ONNX ``value`` holds the 2-D FX value
+                                    transposed; consumers that want ``w.T`` (linear) use it directly
+                                    (a blocked weight DQ laid out [in, out] feeds MatMul this way).
     ``ctx.fail(what, fix=None)``    raise ``LoweringError`` naming the current node and source line.
 
     An emitter is ``fn(ctx, node, a) -> str | list[str] | None`` where ``a`` holds the node's
@@ -193,6 +196,8 @@ class LoweringContext:
         self._input_names: set[str] = set()
         self._value_info: dict[str, tuple[int, tuple[int, ...]]] = {}
         self._step_start = 0
+        # FX node -> an ONNX value holding its 2-D value transposed (see ``bind_transposed``)
+        self.transposed: dict[fx.Node, str] = {}
 
     # ----------------------------------------------------------------- names and constants
     def fresh(self, hint: str) -> str:
@@ -402,6 +407,9 @@ class LoweringContext:
             shape, dtype = self._meta[fx_node]
             if dtype in _TORCH_TO_ONNX:
                 self._value_info[value] = (_TORCH_TO_ONNX[dtype], shape)
+
+    def bind_transposed(self, fx_node: fx.Node, value: str) -> None:
+        self.transposed[fx_node] = value
 
     def fail(self, what: str, fix: str | None = None):
         node = self.current

@@ -386,6 +386,11 @@ def _masked_fill(ctx, node, a):
 @emits(aten.linear.default)
 def _linear(ctx, node, a):
     x, w, b = a.input, a.weight, a.bias
+    if isinstance(w, fx.Node) and w in ctx.transposed:
+        # The weight exists as [in, out] (a blocked weight DQ): DQ -> MatMul, the form ONNX
+        # Runtime (MatMulNBits) and TensorRT (weight-only int4) fuse.
+        y = ctx.op("MatMul", ctx.value(x), ctx.transposed[w])
+        return ctx.op("Add", y, ctx.value(b)) if b is not None else y
     if ctx.rank(x) == 2 and ctx.rank(w) == 2:
         return ctx.op("Gemm", ctx.value(x), ctx.value(w), ctx.value(b) if b is not None else None, transB=1)
     y = ctx.op("MatMul", ctx.value(x), transposed_weight(ctx, w))
@@ -397,6 +402,8 @@ def _linear(ctx, node, a):
 def transposed_weight(ctx, w) -> str:
     """``w.T`` for a 2-D weight: a transposed initializer when ``w`` is a constant (named
     ``<qualified name>/T``), else a Transpose node (e.g. after a weight quantizer)."""
+    if isinstance(w, fx.Node) and w in ctx.transposed:
+        return ctx.transposed[w]
     t = ctx.constant(w)
     if t is not None:
         return ctx.const(t.t().contiguous(), f"{ctx.name_hint(w)}/T", share=False)

@@ -313,6 +313,9 @@ def _report_lines(report: dict) -> list[str]:
         lines.append(f"ONNX Runtime latency (batch {lat['batch']}, {lat['threads']} threads): float "
                      f"{lat['float_measured_ms']:.2f} ms -> quantized {lat['measured_ms']:.2f} ms "
                      f"({lat['speedup_vs_float']:.2f}x)")
+        engine = report.get("engine") or {}
+        if engine.get("latency_note"):  # an ORT CPU time says nothing about the TensorRT engine
+            lines.append(f"  note: {engine['latency_note']}")
     return lines
 
 

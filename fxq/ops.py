@@ -21,6 +21,12 @@ LAYER_OPS = CONV_OPS | LINEAR_OPS
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.mm.default}
 
 ADD_OPS = {aten.add.Tensor, aten.add_.Tensor}
+BATCHNORM_OPS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
+                 aten.native_batch_norm.default}
+# Pointwise activations (a runtime may fuse them into the producing conv/gemm).
+ACTIVATION_OPS = {aten.relu.default, aten.hardtanh.default, aten.clamp.default, aten.sigmoid.default,
+                  aten.silu.default, aten.gelu.default, aten.hardswish.default, aten.hardsigmoid.default,
+                  aten.leaky_relu.default, aten.tanh.default, aten.elu.default, aten.mish.default}
 CAT_OPS = {aten.cat.default, aten.concat.default, aten.concatenate.default}
 
 # In-place op -> functional twin (canonicalize rewrites them when nothing reads the old value).

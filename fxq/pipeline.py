@@ -43,11 +43,9 @@ def _unsupported(opts: CompileOptions) -> None:
     todo = []
     if opts.budget_ms is not None or opts.bits is not None:
         todo.append("--budget-ms/--bits (mixed precision search)")
-    if opts.backend != "onnx-qdq":
-        todo.append(f"--backend {opts.backend}")
     if todo:
         raise FxqError(f"Not implemented yet in this version of fxq: {', '.join(todo)}.",
-                       "Use --backend onnx-qdq and uniform --weight-bits/--act-bits for now.")
+                       "Use uniform --weight-bits/--act-bits for now.")
 
 
 def split_holdout(data: torch.Tensor, holdout: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -97,7 +95,7 @@ def quantize_graph(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions
         from fxq.diff import diff_observer
 
         observers.append(diff_observer(console, None if opts.print_diff else set(), set(opts.print_after)))
-    reduced, why = resolve_weight_range(opts.weight_range)
+    reduced, why = resolve_weight_range(opts.weight_range, table)
     gm.meta["fxq.weight_range"] = {"reduced": reduced, "why": why}
     pm = PassManager(build_passes(opts, table, reduced), verify=opts.debug, observers=observers,
                      wants_snapshots=bool(observers))
@@ -202,6 +200,7 @@ def compile_model(loaded, calib, opts: CompileOptions, console=None,
     from rich.progress import Progress
 
     from fxq.atomic import atomic_write_bytes, atomic_write_text, ensure_output_dir
+    from fxq.backends import lowering
     from fxq.backends.lower_qdq import lower_qdq
     from fxq.calibrate import graph_batch_size, run_batched
     from fxq.capture import capture
@@ -231,7 +230,8 @@ def compile_model(loaded, calib, opts: CompileOptions, console=None,
 
     batch = graph_batch_size(gm)
     with timer.stage("lower"):
-        onnx_model = lower_qdq(gm, opts)
+        backend = lowering(opts.backend)
+        onnx_model = backend.lower(gm, opts)
         onnx_bytes = onnx_model.SerializeToString()
         float_bytes = lower_qdq(float_gm, opts, quantized=False).SerializeToString()
     with timer.stage("verify"):
@@ -240,12 +240,12 @@ def compile_model(loaded, calib, opts: CompileOptions, console=None,
         float_out = run_batched(float_gm, holdout)
         from fxq.emulate import emulate_batched
 
-        emu_out = emulate_batched(gm, holdout)
+        emu_out = emulate_batched(gm, holdout) if backend.table.integer_emulation else None
         verification = {
             "holdout_samples": int(holdout.shape[0]),
             "held_out": held_out,
             "onnx_vs_fake_quant": fidelity(fq_out, ort_out),
-            "onnx_vs_integer_emulation": fidelity(emu_out, ort_out),
+            "onnx_vs_integer_emulation": fidelity(emu_out, ort_out) if emu_out is not None else None,
             "onnx_vs_float": fidelity(float_out, ort_out),
             "fake_quant_vs_float": fidelity(float_out, fq_out),
         }
@@ -258,6 +258,7 @@ def compile_model(loaded, calib, opts: CompileOptions, console=None,
     with timer.stage("write"):
         atomic_write_bytes(out_dir / "model.onnx", onnx_bytes)
         export_fake_quant(gm, out_dir / "model.pt2")
+        backend.write_extras(out_dir)
 
     regions = gm.meta.get("fxq.regions", [])
     report = {
@@ -285,8 +286,10 @@ def compile_model(loaded, calib, opts: CompileOptions, console=None,
                                                gm.meta.get("fxq.reconstruction_device")),
         "passes": [{"name": name, "modified": res.modified, "stats": _jsonable(res.stats)} for name, res in pm.history],
         "verification": verification,
-        "artifacts": {"model.onnx": len(onnx_bytes), "float_onnx_bytes": len(float_bytes)},
+        "artifacts": {"model.onnx": len(onnx_bytes), "float_onnx_bytes": len(float_bytes),
+                      "size_vs_float": round(len(onnx_bytes) / len(float_bytes), 4)},
         "timings_s": timer.seconds,
+        **backend.report(gm),
     }
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
     if gm.meta.get("fxq.checkpoint") is not None:  # the artifacts are complete: nothing to resume

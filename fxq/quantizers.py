@@ -26,6 +26,9 @@ class QSpec:
     per_channel: bool
     axis: int | None = None
     narrow: bool = False  # signed grid without its most negative value ([-127, 127] at 8 bits)
+    # Blocked (weights of 2-D layers only): one scale per output channel (``axis``) *and* per run
+    # of ``block_size`` consecutive inputs, i.e. a scale tensor [out, in / block_size].
+    block_size: int | None = None
 
     @property
     def qmin(self) -> int:
@@ -40,6 +43,8 @@ class QSpec:
     def describe(self) -> str:
         kind = ("int" if self.signed else "uint") + str(self.bits)
         gran = f"per-channel axis{self.axis}" if self.per_channel else "per-tensor"
+        if self.block_size:
+            gran += f" block{self.block_size}"
         sym = "sym" if self.symmetric else "asym"
         return f"{kind} {sym} {gran}"
 
@@ -94,8 +99,15 @@ def _broadcast_shape(t: torch.Tensor, axis: int) -> list[int]:
 def search_weight_scale(w: torch.Tensor, spec: QSpec, grid: int = 50, p: float = LP_NORM) -> torch.Tensor:
     """Per-channel symmetric scale minimizing the Lp rounding error over clipping ratios.
 
-    Returns a 1-D scale tensor (one per channel of ``spec.axis``)."""
+    Returns a 1-D scale tensor (one per channel of ``spec.axis``); for a blocked spec the scale
+    is [out, in / block_size], one per block of consecutive inputs of a channel."""
     axis = spec.axis or 0
+    if spec.block_size:
+        rows, cols = w.shape[0], w.shape[1] // spec.block_size
+        flat = w.detach().float().reshape(rows * cols, spec.block_size)
+        scale = search_weight_scale(flat, QSpec(spec.bits, spec.signed, spec.symmetric, True, 0, spec.narrow),
+                                    grid, p)
+        return scale.reshape(rows, cols)
     wc = w.detach().float().transpose(0, axis).reshape(w.shape[axis], -1)
     # Floor dead channels (all-zero weights, e.g. a BN gain of 0 folded in) at a small fraction
     # of the layer's largest channel: a near-zero scale would make the int32 bias b / (s_x * s_w)
@@ -164,6 +176,8 @@ class WeightQuantizer(nn.Module):
         self._cache: tuple | None = None  # (weight identity, fake-quantized weight)
 
     def _scale_view(self, w: torch.Tensor) -> torch.Tensor:
+        if self.spec.block_size:  # [out, in / block] -> [out, in]
+            return self.scale.repeat_interleave(self.spec.block_size, dim=1)
         return self.scale.reshape(_broadcast_shape(w, self.spec.axis or 0))
 
     def int_weight(self, w: torch.Tensor) -> torch.Tensor:

@@ -2,15 +2,28 @@
 
 Writes ``node.meta["fxq.qspec"] = {"weight": QSpec | None, "inputs": {arg_index: QSpec},
 "rules": [row names]}`` on every consumer the table selects; bits come from the options, with
-the first and last layer (in topological order) kept at ``first_last_bits``. Decisions only:
+the first and last layer (in topological order) kept at ``first_last_bits``. The table's storage
+row for each weight may block its scales and make the layer weight-only. A row that matches but
+leaves a node in float says why in ``node.meta["fxq.float"]``. Decisions only:
 ``materialize_quantizers`` creates the quantizer nodes.
+
+Residual joins (a ``"skip"`` row, TensorRT's): of the two activation operands of an add, the
+*backbone* is the one a conv/gemm can absorb the add into — a conv/linear/matmul output reaching
+the add through single-input ops (BN, bias, scale, permute ...) that nothing else reads — and the
+*skip* is the other. When both operands are such branches (a projection shortcut), the backbone
+is the one with more layers of its own (not shared with the other operand), ties going to the one
+computed later. Only the skip input is quantized.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 from torch import fx
 
 from fxq import ops
-from fxq.passes.infra import QSPEC, Pass, PassResult
+from fxq.passes.infra import FLOAT, QSPEC, Pass, PassResult
+
+SKIP_FLOAT = "annotate_qspecs.add_without_conv_branch"
 
 
 def _activation_args(node: fx.Node, how: str) -> list[tuple[object, fx.Node]]:
@@ -37,6 +50,61 @@ def _depends_on_input(node: fx.Node, memo: dict) -> bool:
     return memo[node]
 
 
+def _is_product(node: fx.Node) -> bool:
+    return ops.is_layer(node) or ops.is_op(node, ops.MATMUL_OPS)
+
+
+def fusable_branch(producer: fx.Node, memo: dict) -> fx.Node | None:
+    """The conv/linear/matmul whose output reaches ``producer`` (an operand of a join) through a
+    private chain of single-activation-input ops, or None. Private: every node of the chain,
+    the layer included, has exactly one user, so a runtime can fuse the join into the layer."""
+    node = producer
+    while node.op == "call_function" and len(node.users) == 1:
+        if _is_product(node):
+            return node
+        acts = [a for a in node.all_input_nodes if a.op != "get_attr" and _depends_on_input(a, memo)]
+        if len(acts) != 1:
+            return None
+        node = acts[0]
+    return None
+
+
+def _ancestors(node: fx.Node) -> set:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def residual_skip(node: fx.Node, memo: dict, order: dict) -> tuple[object | None, str | None]:
+    """(argument position of the skip operand of the join ``node``, why); (None, why) when no
+    operand is a fusable conv/gemm branch (the join then stays in float); (None, None) when
+    ``node`` does not join two activations (an add of a constant: the row does not apply)."""
+    acts = [(pos, p) for pos, p in _activation_args(node, "all") if _depends_on_input(p, memo)]
+    if len(acts) != 2:
+        return None, None
+    branches = [(pos, p, fusable_branch(p, memo)) for pos, p in acts]
+    fusable = [b for b in branches if b[2] is not None]
+    if not fusable:
+        return None, ("neither operand is a conv/gemm output the runtime can fuse the add into "
+                      "(both are read elsewhere or computed by other ops): the add runs in float")
+    if len(fusable) == 1:
+        backbone = fusable[0]
+        why = f"{backbone[2].name} fuses into the add; the other operand is the skip"
+    else:
+        anc = [_ancestors(b[1]) for b in branches]
+        own = [sum(1 for n in anc[i] - anc[1 - i] if _is_product(n)) for i in range(2)]
+        i = max(range(2), key=lambda k: (own[k], order[branches[k][2]]))
+        backbone = branches[i]
+        why = (f"both operands are conv/gemm branches; {backbone[2].name} has more layers of its own "
+               f"({own[i]} vs {own[1 - i]}) and fuses into the add, the other is the skip")
+    skip = next(b for b in branches if b is not backbone)
+    return skip[0], why
+
+
 class AnnotateQSpecs(Pass):
     name = "annotate_qspecs"
 
@@ -53,7 +121,9 @@ class AnnotateQSpecs(Pass):
         layers = [n for n in gm.graph.nodes if ops.is_layer(n)]
         edge_layers = {layers[0], layers[-1]} if layers and self.first_last_bits else set()
         memo: dict = {}
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
         count_w = count_a = 0
+        skipped, skips, storage = [], 0, {}
         for node in gm.graph.nodes:
             rules = self.table.rules_for(node)
             if not rules:
@@ -65,17 +135,48 @@ class AnnotateQSpecs(Pass):
                 wbits = max(self.weight_bits, self.first_last_bits) if boundary else self.weight_bits
             abits = max(self.act_bits, self.first_last_bits) if (boundary and self.act_bits < 32) else self.act_bits
             spec = {"weight": None, "inputs": {}, "rules": []}
+            weight_only = False
             for rule in rules:
                 spec["rules"].append(rule.name)
                 if rule.weight and ops.is_layer(node) and wbits < 32:
-                    spec["weight"] = self.table.weight_spec(wbits, self.reduce_range)
+                    wspec = self.table.weight_spec(wbits, self.reduce_range)
+                    if self.table.storage:
+                        shape = tuple(ops.get_attr(gm, ops.layer_weight(node).target).shape) \
+                            if ops.layer_weight(node).op == "get_attr" else ()
+                        row, block = self.table.storage_for(node.target, wspec.bits, shape)
+                        if block:
+                            wspec = replace(wspec, block_size=block)
+                        weight_only = weight_only or row.weight_only
+                        spec["rules"].append(row.name)
+                        storage[row.name] = storage.get(row.name, 0) + 1
+                    spec["weight"] = wspec
                     count_w += 1
-                if abits < 32:
-                    for pos, producer in _activation_args(node, rule.act_inputs):
-                        if _depends_on_input(producer, memo):
-                            spec["inputs"][pos] = self.table.act_spec(abits)
-                            count_a += 1
+            for rule in rules:
+                if abits >= 32 or weight_only:
+                    continue
+                if rule.act_inputs == "skip":
+                    pos, why = residual_skip(node, memo, order)
+                    if pos is None:
+                        if why is not None:
+                            node.meta[FLOAT] = {"rule": SKIP_FLOAT, "why": why}
+                            skipped.append({"node": node.name, "reason": why})
+                        continue
+                    spec["inputs"][pos] = self.table.act_spec(abits)
+                    spec["skip"] = {"input": pos, "why": why}
+                    skips += 1
+                    count_a += 1
+                    continue
+                for pos, producer in _activation_args(node, rule.act_inputs):
+                    if _depends_on_input(producer, memo):
+                        spec["inputs"][pos] = self.table.act_spec(abits)
+                        count_a += 1
             if spec["weight"] is not None or spec["inputs"]:
                 node.meta[QSPEC] = spec
-        return PassResult(gm, modified=bool(count_w or count_a),
-                          stats={"weights": count_w, "activation_edges": count_a})
+        stats = {"weights": count_w, "activation_edges": count_a}
+        if skips:
+            stats["skip_inputs"] = skips
+        if storage:
+            stats["storage"] = storage
+        if skipped:
+            stats["skipped"] = skipped
+        return PassResult(gm, modified=bool(count_w or count_a), stats=stats)

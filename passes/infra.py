@@ -18,6 +18,7 @@ from fxq.ops import get_attr
 RULE = "fxq.rule"      # which pass/rule created or last rewrote a node
 REGION = "fxq.region"  # the region (block) a node belongs to
 QSPEC = "fxq.qspec"    # quantization decisions attached to a node's edges
+FLOAT = "fxq.float"    # {"rule", "why"}: a table row matched the node but left it in float
 
 
 @dataclass
