@@ -89,7 +89,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import cpu_int8_features, ort_quantize_static  # noqa: E402
 
 from fxq.errors import FxqError  # noqa: E402
-from fxq.ort_timing import format_report, session, timing_report, with_static_batch  # noqa: E402
+from fxq.ort_timing import (format_report, optimized_op_counts, session, timing_report,  # noqa: E402
+                            with_static_batch)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INPUT_CHW = (3, 224, 224)
@@ -345,6 +346,13 @@ def markdown(result: dict) -> str:
                     notes.setdefault(f"{VARIANTS[k]}: {row['status']} ({row['reason']})", []).append(f"{name} b{b}")
     if notes:
         lines += [""] + [f"- {what}: {', '.join(where)}" for what, where in notes.items()]
+    same = {name: mres.get("same_kernels_as_quantize_static") for name, mres in result["models"].items()}
+    if any(v is not None for v in same.values()):
+        lines += ["", "After ONNX Runtime's graph optimizer, fxq onnx-qdq runs the same op types and counts as "
+                  "quantize_static (so a latency ratio away from 1 is machine noise) on: "
+                  + (", ".join(n for n, v in same.items() if v) or "none")
+                  + ("; different ops on: " + ", ".join(n for n, v in same.items() if v is False)
+                     if any(v is False for v in same.values()) else "") + " (`optimized_ops` in latency.json)."]
     how = sorted({f"{VARIANTS[k]}: {h}" for mres in result["models"].values()
                   for bres in mres["batches"].values() for k, h in bres["batch_handling"].items()
                   if not h.startswith("built at batch 1") and not h.startswith("rebatched")})
@@ -426,6 +434,16 @@ def main(argv=None) -> int:
                 status1[v] = {"status": "error", "reason": _short(f"ONNX Runtime: {type(exc).__name__}: {exc}")}
             if status1.get(v, {}).get("status") == "error":
                 failed = True
+
+        # what ONNX Runtime runs for each int8 file: equal counts mean equal kernels
+        mres["optimized_ops"] = {v: optimized_op_counts(arts.path(v, 1)) for v in ("qs", "fxq")
+                                 if v in sess1}
+        if len(mres["optimized_ops"]) == 2:
+            same = mres["optimized_ops"]["qs"] == mres["optimized_ops"]["fxq"]
+            mres["same_kernels_as_quantize_static"] = same
+            print(f"  after ONNX Runtime's optimizer, fxq onnx-qdq and quantize_static run "
+                  f"{'the same ops' if same else 'different ops'}: {mres['optimized_ops']['fxq']}"
+                  + ("" if same else f" vs {mres['optimized_ops']['qs']}"), flush=True)
 
         for b in args.batches:
             sessions, rows, handling = {}, {}, {}

@@ -17,7 +17,8 @@ from typing import Any, Mapping, Union
 
 import numpy as np
 
-__all__ = ["ModelLike", "session", "measure_latency", "timing_report", "format_report", "with_static_batch"]
+__all__ = ["ModelLike", "session", "measure_latency", "timing_report", "format_report", "with_static_batch",
+           "optimized_op_counts"]
 
 # a file path, serialized bytes, an onnx.ModelProto, or an onnxruntime.InferenceSession
 ModelLike = Union[str, os.PathLike, bytes, Any]
@@ -35,6 +36,26 @@ def _model_bytes_or_path(model) -> str | bytes:
     raise TypeError(
         f"expected an ONNX file path, serialized bytes or onnx.ModelProto, got {type(model).__name__}"
     )
+
+
+def optimized_op_counts(model: ModelLike) -> dict[str, int]:
+    """Op types and counts of the graph ONNX Runtime's CPU provider actually runs (after all its
+    fusions): two files that give the same counts run the same kernels, so a latency difference
+    between them is noise."""
+    import tempfile
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        opts.log_severity_level = 3
+        ort.InferenceSession(_model_bytes_or_path(model), sess_options=opts, providers=["CPUExecutionProvider"])
+        graph = onnx.load(opts.optimized_model_filepath, load_external_data=False).graph
+    return dict(sorted(Counter(n.op_type for n in graph.node).items()))
 
 
 def session(model: ModelLike, threads: int = 2):

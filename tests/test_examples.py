@@ -232,6 +232,12 @@ def test_ort_quantize_static_on_tiny_model(tmp_path):
     yf = session(src, 1).run(None, {"x": x})[0]
     yq = session(out, 1).run(None, {"x": x})[0]
     assert np.abs(yf - yq).max() < 0.05 * np.abs(yf).max()
+    # what ONNX Runtime runs: the float file as float convs, the QDQ file fused into integer kernels
+    from fxq.ort_timing import optimized_op_counts
+
+    float_ops, q_ops = optimized_op_counts(src), optimized_op_counts(out)
+    assert "QLinearConv" not in float_ops and float_ops.get("Conv", 0) + float_ops.get("FusedConv", 0) >= 1
+    assert q_ops.get("QLinearConv", 0) >= 1 and "DequantizeLinear" not in float_ops
 
 
 @pytest.mark.slow
