@@ -8,7 +8,7 @@ outputs fetched) on ONNX Runtime's CPU provider, every session with the same set
 (``fxq.ort_timing.session``: all graph optimizations, ``--threads`` intra-op threads, default 2,
 one inter-op thread, sequential execution). Per model and batch size the variants below are timed
 side by side in one process, interleaved: ``--warmup`` untimed runs each, then ``--runs`` timed
-runs each, split into rounds of 10 runs per variant (``fxq.ort_timing.timing_report``), so a load
+runs each, interleaved one run per variant per round in a rotating order (``fxq.ort_timing.timing_report``), so a load
 spike on a shared machine hits every variant alike. Reported: the median (and p10/p90/min) per
 variant, and the ratios fxq-int8 / quantize_static (≤ 1 means fxq is at least as fast) and
 float / fxq-int8 (speed-up), the same two for the TensorRT-flavoured graph.
@@ -94,7 +94,8 @@ from fxq.ort_timing import (format_report, optimized_op_counts, session, timing_
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INPUT_CHW = (3, 224, 224)
-RUNS_PER_ROUND = 10      # timed runs of one variant before the next variant's turn
+RUNS_PER_ROUND = 1       # timed runs of one variant before the next variant's turn: a load spike
+                         # on the shared machine then lands on every variant alike
 REBATCH_RTOL = 1e-3      # rebatched vs batch-1 outputs: max |Δ| <= this * max |batch-1 output|
 
 

@@ -144,7 +144,9 @@ def timing_report(
 
     The runs are split into ``rounds``; each round times every model in turn, so a background
     load spike on a shared machine hits all models alike instead of whichever ran at that
-    moment. Each result also has ``speedup_vs_first``: the first model's median over this one's.
+    moment. The order rotates from round to round, so no model always runs right after the
+    same other one (whose memory traffic it would inherit). Each result also has
+    ``speedup_vs_first``: the first model's median over this one's.
     """
     if not models:
         return {}
@@ -156,9 +158,10 @@ def timing_report(
             s.run(None, feeds[name])
     times: dict[str, list[float]] = {name: [] for name in sessions}
     per_round = [runs // rounds + (1 if r < runs % rounds else 0) for r in range(rounds)]
-    for count in per_round:
-        for name, s in sessions.items():
-            f = feeds[name]
+    names = list(sessions)
+    for r, count in enumerate(per_round):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            s, f = sessions[name], feeds[name]
             for _ in range(count):
                 t0 = time.perf_counter()
                 s.run(None, f)
