@@ -898,22 +898,9 @@ def timing_session(model, threads: int = 2, profile_prefix: str | None = None):
     and a session left alive (not yet garbage-collected) made a whole-model measurement read
     26 or 42 ms from run to run. Without spinning a pair times as each alone does; alone, on
     ResNet-18, spinning on or off gave the same latency (within noise)."""
-    import onnxruntime as ort
+    from fxq.ort_timing import session
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if profile_prefix is not None:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile_prefix
-    data = model.SerializeToString() if hasattr(model, "SerializeToString") else model
-    if isinstance(data, os.PathLike):
-        data = os.fspath(data)
-    return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+    return session(model, threads, spinning=False, profile_prefix=profile_prefix)
 
 
 def _hash(obj) -> str:

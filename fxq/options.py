@@ -12,7 +12,7 @@ LOSSES = ("mse", "fisher")
 PRESETS = ("fast", "paper")
 TUNINGS = ("joint", "two-stage")
 PREPROCESS = ("imagenet", "none")
-TARGETS = ("ort-cpu",)
+TARGETS = ("ort-cpu", "bitserial", "trt-t4", "trt-a100", "trt-h100", "trt-orin")  # = fxq.cost_models.TARGETS (kept torch-free)
 WEIGHT_RANGES = ("auto", "full", "reduced")
 
 

@@ -58,10 +58,12 @@ def optimized_op_counts(model: ModelLike) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in graph.node).items()))
 
 
-def session(model: ModelLike, threads: int = 2):
+def session(model: ModelLike, threads: int = 2, spinning: bool = True, profile_prefix: str | None = None):
     """An ``onnxruntime.InferenceSession`` on CPU with fxq's fixed timing settings.
 
-    An existing session is returned unchanged, so callers may pass either.
+    An existing session is returned unchanged, so callers may pass either. ``spinning=False``
+    turns the intra-op pool's spin-waiting off (several live sessions on few cores then stop
+    stealing each other's cores); ``profile_prefix`` turns ONNX Runtime's profiler on.
     """
     import onnxruntime as ort
 
@@ -76,6 +78,11 @@ def session(model: ModelLike, threads: int = 2):
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # warnings about unused initializers etc. are noise here; errors still surface as exceptions
     opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     return ort.InferenceSession(
         _model_bytes_or_path(model), sess_options=opts, providers=["CPUExecutionProvider"]
     )

@@ -292,3 +292,9 @@ def test_ort_cpu_int8_segments_are_what_onnx_runtime_fuses(tiny_gm):
     assert set(ops["add"]) == {"QLinearAdd"}
     assert set(ops["max_pool2d"]) - {"Transpose"} == {"NhwcMaxPool"}  # uint8, as inside a model
     assert set(ops["adaptive_avg_pool2d"]) == {"QLinearGlobalAveragePool"}
+
+
+def test_cli_knows_every_cost_model_target():
+    from fxq import cost_models, options
+
+    assert options.TARGETS == cost_models.TARGETS

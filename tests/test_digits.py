@@ -150,16 +150,6 @@ def test_trained_mobilenetv2_is_accurate(cache_dir):
     assert _test_accuracy(model) >= 0.95
 
 
-@pytest.fixture
-def one_thread():
-    # The compile runs many tiny ops; on a 2-core machine shared with other work, OpenMP's
-    # spin-waiting makes them many times slower with 2 threads (see docs/benchmarks.md).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_w8a8_compile_keeps_accuracy(resnet, tmp_path, one_thread):
     from fxq.options import CompileOptions
     from fxq.pipeline import compile_model, run_onnx

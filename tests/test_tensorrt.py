@@ -384,14 +384,6 @@ def test_onnx_qdq_report_lists_float_nodes_and_size(tmp_path):
 # --------------------------------------------------------------------------- parity, real models
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("arch,backend,bits", [
     ("resnet", "onnx-qdq", 8),
     ("resnet", "tensorrt", 8),
