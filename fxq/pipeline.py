@@ -105,9 +105,8 @@ def quantize_graph(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions
         calibrate_activations(gm, calib, progress=progress)
     if opts.method in RECONSTRUCTING:
         from fxq.reconstruct import config_for, reconstruct
-        from fxq.resume import Checkpoint, fingerprint
-
         from fxq.devices import resolve_device
+        from fxq.resume import Checkpoint, fingerprint
 
         cfg = config_for(opts.preset, opts.method, opts.loss, opts.iters, opts.drop_prob, opts.tuning)
         device = resolve_device(opts.device)
