@@ -54,6 +54,19 @@ def _annotate(proto: onnx.NodeProto, **entries) -> None:
         prop.key, prop.value = key, str(value)
 
 
+def check_scale(scale, what: str) -> None:
+    """Refuse to emit a Q/DQ scale that is zero, negative, NaN or Inf: ONNX Runtime would divide
+    by it (or multiply every value away) without complaint."""
+    values = np.asarray(scale, dtype=np.float64)
+    if values.size == 0 or not (np.all(np.isfinite(values)) and np.all(values > 0)):
+        from fxq.errors import LoweringError
+
+        bad = values[~(np.isfinite(values) & (values > 0))]
+        raise LoweringError(f"The quantization scale of {what} is not a positive finite number "
+                            f"({bad.ravel()[:3].tolist()}); fxq will not write a model that "
+                            "divides by it.", "Please report this with the model and data.")
+
+
 def new_notes() -> dict:
     """What a lowering reports: per weight its storage, and warnings (one per storage row)."""
     return {"weights": [], "warnings": {}}
@@ -79,6 +92,7 @@ def make_qdq_handler(gm, table=None, notes: dict | None = None):
                              f"{table.name} storage row {row.name} wants {block}")
         q = module.int_weight(w).numpy()
         scale = module.scale.detach().numpy().astype(np.float32)
+        check_scale(scale, f"the weights of layer '{module.layer}'")
         axis = spec.axis or 0
         if block:  # [out, in] -> [in, out], blocked along in (axis 0): DQ feeds MatMul directly
             q, scale = q.T, scale.T
@@ -106,6 +120,7 @@ def make_qdq_handler(gm, table=None, notes: dict | None = None):
         x = ctx.value(node.args[0])
         spec = module.spec
         scale = float(module.scale)
+        check_scale(np.float32(scale), f"activation '{module.source}'")
         zp = int(module.zero_point)
         s = ctx.const(np.array(scale, dtype=np.float32), node.name + "_scale")
         z = add_initializer(ctx, numpy_helper.from_array(
@@ -151,6 +166,7 @@ def quantize_biases(model: onnx.ModelProto) -> int:
     """Float bias of a DQ-fed Conv/Gemm -> int32 initializer + DequantizeLinear(s_in * s_w)."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
+    names = set(inits)
     prod = _producers(g)
     done = 0
     new_nodes = []
@@ -169,7 +185,12 @@ def quantize_biases(model: onnx.ModelProto) -> int:
         bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
         scale = (sx.reshape(()) * np.broadcast_to(sw, bias.shape)).astype(np.float32)
         qb = np.clip(np.round(bias / scale.astype(np.float64)), -2**31, 2**31 - 1).astype(np.int32)
-        base = node.input[2]
+        base = stem = node.input[2]
+        k = 0
+        while base + "_int32" in names:  # a layer called twice: one int32 bias per call (own s_in)
+            k += 1
+            base = f"{stem}_{k}"
+        names.update((base + "_int32", base + "_int32_scale", base + "_int32_zero_point"))
         g.initializer.append(numpy_helper.from_array(qb, base + "_int32"))
         g.initializer.append(numpy_helper.from_array(scale, base + "_int32_scale"))
         g.initializer.append(numpy_helper.from_array(np.zeros(qb.shape, np.int32), base + "_int32_zero_point"))

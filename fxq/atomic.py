@@ -3,11 +3,14 @@
 A crash, Ctrl-C or error half-way through writing must never leave a truncated ``model.onnx`` or
 ``report.json`` behind, nor clobber the previous good one. Everything fxq writes goes to a temp
 file in the destination folder (same file system, so the final ``os.replace`` is atomic) and is
-renamed into place only once complete.
+renamed into place only once complete. Inside ``deferred_commit(folder)`` (the CLI wraps a whole
+compile in it) the renames into ``folder`` wait until the block ends and then happen together, so
+an interruption leaves the previous set of files, not a mix of old and new.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import secrets
 import tempfile
@@ -15,6 +18,10 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import FxqError
+
+# (folder, {final path: staged temp path}) while ``deferred_commit(folder)`` is active.
+_DEFERRED: contextvars.ContextVar[tuple[Path, dict[Path, Path]] | None] = contextvars.ContextVar(
+    "fxq_atomic_deferred", default=None)
 
 
 class OutputError(FxqError):
@@ -60,10 +67,52 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if not tmp.exists():
             raise FileNotFoundError(f"the writer did not create {tmp} (for {path})")
         _fsync(tmp)
-        os.replace(tmp, path)
+        deferred = _DEFERRED.get()
+        if deferred is not None and path.parent.resolve() == deferred[0]:
+            previous = deferred[1].pop(path, None)  # written twice: the last version wins
+            if previous is not None:
+                with contextlib.suppress(OSError):
+                    previous.unlink()
+            deferred[1][path] = tmp
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def deferred_commit(folder: str | os.PathLike) -> Iterator[None]:
+    """Make the atomic writes into ``folder`` one all-or-nothing group.
+
+    Inside the block, every file written with the functions above directly into ``folder`` is
+    completed under its temp name as usual, but the renames onto the real names wait until the
+    block ends normally, and then happen together (report.json last). If the block raises
+    (an error, Ctrl-C), the staged temp files are deleted and ``folder`` keeps exactly its
+    previous contents: never a new ``model.onnx`` next to an old ``report.json``. Writes into
+    other folders (the ``.fxq-resume`` checkpoint of an interrupted reconstruction, caches)
+    still commit at once.
+    """
+    staged: dict[Path, Path] = {}
+    token = _DEFERRED.set((Path(folder).resolve(), staged))
+    try:
+        yield
+    except BaseException:
+        for tmp in staged.values():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
+    finally:
+        _DEFERRED.reset(token)
+    order = sorted(staged, key=lambda p: p.name == "report.json")
+    try:
+        for path in order:
+            os.replace(staged.pop(path), path)
+    except BaseException:
+        for tmp in staged.values():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise
 
 

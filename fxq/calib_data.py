@@ -182,6 +182,14 @@ def _load_file(path: Path) -> torch.Tensor:
 def _load_pt(path: Path) -> torch.Tensor:
     import pickle
 
+    from .loading import sniff_file_problem
+
+    problem = sniff_file_problem(path)
+    if problem is not None:
+        raise CalibrationDataError(f"Calibration file '{path}' {problem}.",
+                                   "It was probably cut short; copy or save it again." if "truncated"
+                                   in problem else "Save the samples with torch.save(x, path), x a "
+                                   "float tensor [N, ...].")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -52,10 +52,55 @@ def calibrate_activations(gm: fx.GraphModule, data: torch.Tensor, search: bool =
                 progress.advance(task)
     finally:
         set_act_mode(gm, "quantize")
+    _refuse_nonfinite(gm)
     for q in quantizers:
         q.finalize_calibration(search=search)
     return {"activation_quantizers": len(quantizers), "batches": len(chunks),
             "nonfinite_values": sum(q.nonfinite for q in quantizers)}
+
+
+def _user_line(node: fx.Node | None) -> str:
+    """``file:line: `code``` of the user's source that made ``node``, when export recorded it."""
+    import re
+
+    trace = (node.meta.get("stack_trace") or "") if node is not None else ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', trace)
+    if not frames:
+        return ""
+    filename, line, code = frames[-1]
+    return f" at {filename}:{line}" + (f": `{code.strip()}`" if code.strip() else "")
+
+
+def _refuse_nonfinite(gm: fx.GraphModule) -> None:
+    """A NaN or Inf reached an activation quantizer: its range (and every later one) would be
+    computed from whatever was finite, and the quantized model would silently clip what the float
+    model turns into Inf/NaN. Name the first such activation in graph order instead."""
+    from fxq import ops
+    from fxq.errors import CalibrationDataError
+
+    hit = []
+    seen = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in seen:
+            continue
+        seen.add(node.target)
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, ActQuantizer) and mod.nonfinite:
+            hit.append((node, mod))
+    if not hit:
+        return
+    node, mod = hit[0]
+    source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    path = ops.module_path(source) if source is not None else []
+    where = f" (module '{path[-1]}'{_user_line(source)})" if path else _user_line(source)
+    others = (f" ({len(hit) - 1} later activation{'s' if len(hit) > 2 else ''} hold some too)"
+              if len(hit) > 1 else "")
+    raise CalibrationDataError(
+        "The model produces NaN or infinite values on the calibration data, so their quantization "
+        f"ranges cannot be calibrated. The first is activation '{mod.source}'{where}, with "
+        f"{mod.nonfinite} such values{others}.",
+        "The float model overflows (or divides by zero) there: check that the calibration data "
+        "is scaled and normalized the way the model was trained, and that its weights are sane.")
 
 
 def map_padded(fn, data: torch.Tensor, batch: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ import inspect
 import io
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -106,7 +107,15 @@ def _make_inputs(shapes: list[Shape]) -> tuple:
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(s, generator=gen) for s in shapes)
+    try:
+        return tuple(torch.randn(s, generator=gen) for s in shapes)
+    except (RuntimeError, MemoryError) as exc:  # the allocator refused: far too large a shape
+        sizes = " and ".join(format_shape(s) for s in shapes)
+        gib = sum(math.prod(s) for s in shapes) * 4 / 2**30
+        raise ModelLoadError(
+            f"Input shape {sizes} is too large: one float32 input of that shape needs "
+            f"{gib:,.1f} GiB, which this machine cannot allocate.",
+            "Check --input-shape (batch first, e.g. 1,3,224,224).") from exc
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:
@@ -216,6 +225,29 @@ def _looks_like_text(head: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return all(c.isprintable() or c in "\r\n\t" for c in text)
+
+
+def sniff_file_problem(path: Path) -> str | None:
+    """What is visibly wrong with a file that should be a ``torch.save`` file, as words that
+    follow its name ("is a text file ..."), or None. Cheap: the first bytes and, for a zip,
+    whether its table of contents is there (torch's own message for a truncated zip is a
+    paragraph about miniz)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        return None
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_EMPTY_ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):
+            return "is a truncated or corrupt zip archive (its table of contents is missing)"
+        return None
+    if _looks_like_onnx(path, head):
+        return "is an ONNX model, not a torch.save file"
+    if head and head[:1] != b"\x80" and _looks_like_text(head):
+        first = head.decode("utf-8", "replace").strip().splitlines()
+        peek = f" (it starts with: {first[0][:60]!r})" if first else ""
+        return f"is a text file, not a torch.save file{peek}"
+    return None
 
 
 def _zip_entries(path: Path) -> tuple[zipfile.ZipFile, str, set[str]]:
@@ -659,6 +691,12 @@ def load_state_dict_file(path: Path) -> dict:
         except Exception as exc:
             raise ModelLoadError(f"Weights file '{path}' is not a readable safetensors file: "
                                  f"{_end(_first_line(exc))}", "Save or copy it again.") from exc
+    problem = sniff_file_problem(path)
+    if problem is not None:
+        raise ModelLoadError(f"Weights file '{path}' {problem}.",
+                             "It was probably cut short; copy or save it again." if "truncated" in
+                             problem else "Give a state dict saved with torch.save(model.state_dict(), "
+                             "path), or a .safetensors file.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -113,7 +113,12 @@ def search_weight_scale(w: torch.Tensor, spec: QSpec, grid: int = 50, p: float =
     # of the layer's largest channel: a near-zero scale would make the int32 bias b / (s_x * s_w)
     # overflow in the runtime. Any scale represents zero weights exactly, so nothing is lost.
     amax = wc.abs().amax(dim=1)
-    amax = amax.clamp_min(max(float(amax.max()) * DEAD_CHANNEL_FLOOR, 1e-8))
+    layer_max = float(amax.max()) if amax.numel() else 0.0
+    if not math.isfinite(layer_max):
+        raise ValueError("search_weight_scale: the weights hold NaN or infinite values")
+    # A layer whose weights are all zero gets the grid of [-1, 1]: exact for its zeros and a
+    # scale the int32 bias grid (s_x * s_w) can hold any sane bias on.
+    amax = amax.clamp_min(max(layer_max * DEAD_CHANNEL_FLOOR, 1e-8) if layer_max > 0 else 1.0)
     best_err = torch.full_like(amax, float("inf"))
     best_scale = amax / spec.qmax
     for ratio in torch.linspace(1.0, 0.3, grid):
@@ -149,7 +154,15 @@ def search_activation_range(sample: torch.Tensor, lo: float, hi: float, spec: QS
 
 
 def range_to_qparams(lo: float, hi: float, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for the range [lo, hi] (widened to hold 0). A range that is not
+    finite is refused (a NaN/Inf scale would poison the model); an all-zero range (a constant
+    zero activation) gets the grid of [0, 1] rather than a scale of ~0, which would push the
+    int32 bias of the next layer (bias / (s_x * s_w)) out of range."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"range_to_qparams: the range [{lo}, {hi}] is not finite")
     lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if hi - lo == 0.0:
+        hi = 1.0
     if spec.symmetric:
         amax = max(abs(lo), abs(hi))
         scale = max(amax / spec.qmax, 1e-8)
@@ -171,6 +184,15 @@ class WeightQuantizer(nn.Module):
         super().__init__()
         self.spec = spec
         self.layer = layer
+        finite = torch.isfinite(weight.detach())
+        if not bool(finite.all()):
+            from fxq.errors import FxqError
+
+            bad = int((~finite).sum())
+            raise FxqError(
+                f"Layer '{layer}' has {bad} NaN or infinite weight value{'s' if bad != 1 else ''} "
+                f"(of {weight.numel()}); it cannot be quantized.",
+                "The checkpoint is corrupt or its training diverged: load finite weights.")
         self.register_buffer("scale", search_weight_scale(weight, spec))
         self.enabled = True
         self._cache: tuple | None = None  # (weight identity, fake-quantized weight)
@@ -261,7 +283,7 @@ class ActQuantizer(nn.Module):
     def stop_learning(self) -> None:
         """Freeze the learned step size into ``scale`` (floored: a step must stay positive)."""
         p = self.learned_scale
-        if p is not None:
+        if p is not None and bool(torch.isfinite(p.detach()).all()):  # diverged: keep the calibrated step
             with torch.no_grad():
                 self.scale.copy_(p.detach().clamp_min(1e-8))
         self.__dict__["learned_scale"] = None
@@ -270,6 +292,8 @@ class ActQuantizer(nn.Module):
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1).float()
+        if flat.numel() == 0:  # an empty tensor carries no range
+            return
         lo, hi = torch.aminmax(flat)
         lo, hi = float(lo), float(hi)
         if not (math.isfinite(lo) and math.isfinite(hi)):  # rare: pay for the mask only then
