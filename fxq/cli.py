@@ -99,8 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
                           "without VNNI do not saturate; 'auto' decides from this machine (default)")
     com.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
                      help="skip the per-channel correction of the output shift weight rounding causes")
-    com.add_argument("--bits", metavar="LIST", help="candidate bit-widths for mixed precision, e.g. 2,4,8")
-    com.add_argument("--budget-ms", metavar="X", type=float, help="latency budget in milliseconds")
+    com.add_argument("--budget-ms", metavar="X", type=float,
+                     help="mixed precision: latency budget in milliseconds on --target at --batch; "
+                          "fxq picks every layer's precision to meet it with the least quality loss")
+    com.add_argument("--bits", metavar="LIST",
+                     help="mixed precision: integer bit-widths the search may use, e.g. 2,4,8 (the "
+                          "target's float precision is always allowed where it runs one; default: the "
+                          "target's own set)")
+    com.add_argument("--pin", metavar="NAME=BITS", action="append", default=[],
+                     help="mixed precision: fix layers (glob on layer names) at BITS or float; repeatable")
+    com.add_argument("--search", choices=opts.SEARCHES, default="ga",
+                     help="mixed precision solver: genetic algorithm (default; checked against the exact "
+                          "optimum in the report) or exact dynamic programming")
+    com.add_argument("--batch", metavar="N", type=int, default=1,
+                     help="batch size the latency budget refers to (default 1)")
+    com.add_argument("--latency-table", metavar="FILE",
+                     help="mixed precision: per-layer times from trtexec --exportProfile instead of the "
+                          "target's cost model")
     com.add_argument("--method", choices=opts.METHODS, default="rtn")
     com.add_argument("--loss", choices=opts.LOSSES, default="mse")
     com.add_argument("--iters", metavar="N", type=int, help="reconstruction iterations per region")
@@ -195,6 +210,18 @@ def build_options(args: argparse.Namespace) -> opts.CompileOptions:
                          "Leave it out to use a GPU when there is one.")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be between 0 and 2**32-1; got {args.seed}.", "Pick another seed.")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be at least 1; got {args.batch}.", "The default is 1.")
+    if args.budget_ms is None and (bits is not None or args.pin or args.latency_table):
+        raise UsageError("--bits, --pin and --latency-table steer the mixed-precision search, which "
+                         "needs a latency budget.",
+                         "Add --budget-ms X (and --target T), or use --weight-bits for uniform precision.")
+    if args.latency_table is not None and not Path(args.latency_table).is_file():
+        raise UsageError(f"--latency-table '{args.latency_table}' does not exist.",
+                         "Give the JSON written by trtexec --exportProfile.")
+    from .mixed_precision import parse_pin
+
+    pins = tuple(parse_pin(text) for text in args.pin)
     _check_target(args.target)
     parse_input_shape(args.input_shape)
     if args.weights is not None and not Path(args.weights).is_file():
@@ -208,7 +235,8 @@ def build_options(args: argparse.Namespace) -> opts.CompileOptions:
         weight_bits=args.weight_bits, act_bits=args.act_bits, first_last_bits=args.first_last_bits,
         method=args.method, granularity=args.granularity, loss=args.loss, iters=args.iters,
         preset=args.preset, seed=args.seed, calib_size=args.calib_size, preprocess=args.preprocess,
-        bits=bits, budget_ms=args.budget_ms, print_diff=args.print_diff, print_summary=args.print_summary,
+        bits=bits, budget_ms=args.budget_ms, batch=args.batch, search=args.search, pins=pins,
+        latency_table=args.latency_table, print_diff=args.print_diff, print_summary=args.print_summary,
         weight_range=args.weight_range, bias_correction=args.bias_correction,
         print_after=tuple(args.print_after), debug=args.debug, json=args.json, resume=args.resume,
         drop_prob=args.drop_prob, tuning=args.tuning, device=args.device)
@@ -266,12 +294,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     out_dir = options.out_dir
     # Folders this run creates (OUT and any missing parents), innermost first.
     created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
-    from .atomic import ensure_output_dir
+    from .atomic import deferred_commit, ensure_output_dir
 
     ensure_output_dir(out_dir)
     started = time.time()
     try:
-        report = _run_compile(args, options)
+        with deferred_commit(out_dir):  # OUT's files are replaced together, or not at all
+            report = _run_compile(args, options)
     except BaseException:
         # Leave no trace of a run that produced nothing: drop only folders we made, if empty.
         for folder in created:
@@ -308,6 +337,22 @@ def _report_lines(report: dict) -> list[str]:
             lines.append(f"{label}: top-1 agreement {_pct(f.get('top1_agreement'))}, "
                          f"max |Δ| {f['max_abs_diff']:.3g}, cosine {f['mean_cosine']:.4f} "
                          f"({v.get('holdout_samples')} {where} samples)")
+    mp = report.get("mixed_precision")
+    if mp:
+        counts = ", ".join(f"{n} at {p}" for p, n in mp["counts"].items())
+        lines.append(f"mixed precision on {mp['target']} ({mp['cost_model']} latency, batch {mp['batch']}): "
+                     f"budget {mp['budget_ms']:g} ms -> predicted {mp['predicted_ms']:.3g} ms; {counts}")
+        check = mp.get("end_to_end")
+        if check:
+            lines.append(f"  measured {check['measured_ms']:.3g} ms end to end "
+                         f"({'within' if check['within_budget'] else 'OVER'} budget; prediction error "
+                         f"{check['error_pct']:+.1f} %)")
+        if mp.get("exact_check"):
+            lines.append(f"  predicted KL increase {mp['sensitivity']:.3g} nats ({mp['search']}; "
+                         f"{mp['exact_check']['gap_pct']:.2f} % above the exact optimum); "
+                         f"fastest possible {mp['fastest_ms']:.3g} ms")
+        for note in mp.get("notes", [])[:1] if mp["status"] == "float" else []:
+            lines.append(f"  {note}")
     lat = report.get("latency") or {}
     if lat.get("measured_ms"):
         lines.append(f"ONNX Runtime latency (batch {lat['batch']}, {lat['threads']} threads): float "

@@ -74,6 +74,18 @@ def normalize_precision(p: Precision) -> Precision:
     return p
 
 
+def is_float(p: Precision) -> bool:
+    """Unquantized labels (``"float"``, ``"fp16"``) are strings; integer precisions are bits."""
+    return isinstance(p, str)
+
+
+def precision_order(precisions: Sequence[Precision]) -> list[Precision]:
+    """Highest first: unquantized labels, then integer bits descending."""
+    floats = [p for p in precisions if is_float(p)]
+    ints = sorted((p for p in precisions if not is_float(p)), reverse=True)
+    return floats + ints
+
+
 # =============================================================================================
 # The model as segments: what each target prices
 # =============================================================================================

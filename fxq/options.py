@@ -12,6 +12,7 @@ LOSSES = ("mse", "fisher")
 PRESETS = ("fast", "paper")
 TUNINGS = ("joint", "two-stage")
 PREPROCESS = ("imagenet", "none")
+SEARCHES = ("ga", "exact")
 TARGETS = ("ort-cpu", "bitserial", "trt-t4", "trt-a100", "trt-h100", "trt-orin")  # = fxq.cost_models.TARGETS (kept torch-free)
 WEIGHT_RANGES = ("auto", "full", "reduced")
 
@@ -38,8 +39,14 @@ class CompileOptions:
     weight_range: str = "auto"  # 8-bit weights: full int8, or 7-bit magnitude where int8 kernels saturate
     bias_correction: bool = True  # remove the mean output shift weight rounding causes, per channel
     holdout: int = 32            # calibration samples held back to verify fidelity
-    bits: tuple[int, ...] | None = None
-    budget_ms: float | None = None
+    bits: tuple[int, ...] | None = None  # mixed precision: candidate integer bit-widths (--bits)
+    budget_ms: float | None = None       # mixed precision: latency budget on `target` (--budget-ms)
+    batch: int = 1                       # the batch size the budget refers to
+    search: str = "ga"                   # ga | exact
+    pins: tuple = ()                     # ((layer glob, precision), ...) from --pin NAME=BITS
+    latency_table: str | None = None     # trtexec --exportProfile JSON for the cost model
+    sensitivity_samples: int = 64        # calibration samples the sensitivity measurement uses
+    layer_precision: dict | None = None  # FX node name -> bits or "float" (set by the search)
     print_diff: bool = False
     print_summary: bool = False
     print_after: tuple[str, ...] = ()

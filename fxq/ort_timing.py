@@ -146,6 +146,7 @@ def timing_report(
     warmup: int = 10,
     runs: int = 50,
     rounds: int = 5,
+    spinning: bool = True,
 ) -> dict[str, dict]:
     """Time several models against each other, interleaved.
 
@@ -158,7 +159,7 @@ def timing_report(
     if not models:
         return {}
     rounds = max(1, min(rounds, runs))
-    sessions = {name: session(m, threads) for name, m in models.items()}
+    sessions = {name: session(m, threads, spinning=spinning) for name, m in models.items()}
     feeds = {name: _feeds(s, inputs) for name, s in sessions.items()}
     for name, s in sessions.items():
         for _ in range(max(warmup, 0)):

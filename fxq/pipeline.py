@@ -8,6 +8,7 @@ Everything here is callable from Python: ``compile_model(loaded, calib, CompileO
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from contextlib import contextmanager
@@ -39,13 +40,11 @@ RECONSTRUCTING = ("adaround", "brecq", "qdrop")
 RESUME_DIR = ".fxq-resume"  # inside OUT: the reconstruction checkpoint of an unfinished compile
 
 
-def _unsupported(opts: CompileOptions) -> None:
-    todo = []
-    if opts.budget_ms is not None or opts.bits is not None:
-        todo.append("--budget-ms/--bits (mixed precision search)")
-    if todo:
-        raise FxqError(f"Not implemented yet in this version of fxq: {', '.join(todo)}.",
-                       "Use uniform --weight-bits/--act-bits for now.")
+def _check_mixed(opts: CompileOptions) -> None:
+    if opts.budget_ms is None and (opts.bits is not None or opts.pins):
+        raise FxqError("--bits and --pin choose among precisions for the latency search, which needs "
+                       "a budget.", "Add --budget-ms X (and --target T), or use --weight-bits for "
+                       "uniform precision.")
 
 
 def split_holdout(data: torch.Tensor, holdout: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -57,24 +56,62 @@ def split_holdout(data: torch.Tensor, holdout: int) -> tuple[torch.Tensor, torch
     return data[:-hold], data[-hold:], True
 
 
-def build_passes(opts: CompileOptions, table, reduce_range: bool = False):
-    from fxq.passes.annotate_qspecs import AnnotateQSpecs
+def graph_passes(opts: CompileOptions, table) -> list:
+    """The passes before any quantization decision: they end with the regions found."""
     from fxq.passes.canonicalize import Canonicalize
     from fxq.passes.detect_blocks import DetectBlocks
     from fxq.passes.fold_batchnorm import FoldBatchNorm
-    from fxq.passes.materialize_quantizers import MaterializeQuantizers
 
     passes = [Canonicalize()]
     if table.fold_batchnorm:
         passes.append(FoldBatchNorm())
-    passes += [
-        # layer-wise AdaRound is reconstruction on single-layer regions
-        DetectBlocks("layer" if opts.method == "adaround" else opts.granularity),
-        AnnotateQSpecs(table, weight_bits=opts.weight_bits, act_bits=opts.act_bits,
-                       first_last_bits=opts.first_last_bits, reduce_range=reduce_range),
-        MaterializeQuantizers(),
-    ]
+    if table.rewrites:  # fused attention split into the matmuls the table quantizes
+        from fxq.passes.decompose_attention import DecomposeAttention
+
+        passes.append(DecomposeAttention(table))
+    # layer-wise AdaRound is reconstruction on single-layer regions
+    passes.append(DetectBlocks("layer" if opts.method == "adaround" else opts.granularity))
     return passes
+
+
+def quantization_passes(opts: CompileOptions, table, reduce_range: bool = False) -> list:
+    from fxq.passes.annotate_qspecs import AnnotateQSpecs
+    from fxq.passes.materialize_quantizers import MaterializeQuantizers
+
+    return [AnnotateQSpecs(table, weight_bits=opts.weight_bits, act_bits=opts.act_bits,
+                           first_last_bits=opts.first_last_bits, layer_precision=opts.layer_precision,
+                           reduce_range=reduce_range),
+            MaterializeQuantizers()]
+
+
+def build_passes(opts: CompileOptions, table, reduce_range: bool = False):
+    return graph_passes(opts, table) + quantization_passes(opts, table, reduce_range)
+
+
+def plan_mixed_precision(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions, progress=None):
+    """Run the latency search (``fxq.mixed_precision``) on a copy of the captured graph; returns
+    the plan whose ``assignment`` becomes ``opts.layer_precision``."""
+    from fxq import mixed_precision
+    from fxq.backends.tables import get_backend, resolve_weight_range
+    from fxq.calibrate import calibrate_activations
+    from fxq.passes.infra import PassManager
+
+    table = get_backend(opts.backend)
+    reduced, _ = resolve_weight_range(opts.weight_range, table)
+    base = PassManager(graph_passes(opts, table)).run(copy.deepcopy(gm))
+
+    def quantized(bits: int) -> fx.GraphModule:
+        uniform = CompileOptions(weight_bits=bits, act_bits=opts.act_bits, first_last_bits=0)
+        q = PassManager(quantization_passes(uniform, table, reduced)).run(copy.deepcopy(base))
+        calibrate_activations(q, calib)
+        return q
+
+    settings = repr((opts.backend, opts.act_bits, reduced, opts.granularity, opts.method == "adaround"))
+    return mixed_precision.plan(
+        base, calib, target=opts.target, budget_ms=opts.budget_ms, quantized=quantized, bits=opts.bits,
+        batch=opts.batch, search=opts.search, seed=opts.seed, pins=opts.pins,
+        first_last_bits=opts.first_last_bits, settings=settings, latency_table=opts.latency_table,
+        sensitivity_samples=opts.sensitivity_samples, progress=progress)
 
 
 def quantize_graph(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions, console=None,
@@ -198,13 +235,13 @@ def compile_model(loaded, calib, opts: CompileOptions, console=None,
     (``keep["graph_module"]``), e.g. to run ``fxq.emulate`` on it."""
     from rich.progress import Progress
 
-    from fxq.atomic import atomic_write_bytes, atomic_write_text, ensure_output_dir
+    from fxq.atomic import atomic_write_bytes, atomic_write_text, deferred_commit, ensure_output_dir
     from fxq.backends import lowering
     from fxq.backends.lower_qdq import lower_qdq
     from fxq.calibrate import graph_batch_size, run_batched
     from fxq.capture import capture
 
-    _unsupported(opts)
+    _check_mixed(opts)
     if opts.method in RECONSTRUCTING:  # a missing GPU is reported before any work starts
         from fxq.devices import resolve_device
 
@@ -224,7 +261,17 @@ def compile_model(loaded, calib, opts: CompileOptions, console=None,
         gm = capture(module, example_inputs)
     float_gm = copy.deepcopy(gm)
 
+    plan = None
     with Progress(console=console, transient=True, disable=console is None) as progress:
+        if opts.budget_ms is not None:
+            with timer.stage("mixed_precision"):
+                plan = plan_mixed_precision(gm, calib_set, opts, progress=progress)
+            opts = dataclasses.replace(opts, layer_precision=plan.layer_precision())
+            if plan.status == "float":  # nothing is quantized: nothing to reconstruct or correct
+                opts = dataclasses.replace(opts, method="rtn", bias_correction=False)
+            if console is not None:
+                for note in plan.notes[:1] if plan.status == "float" else []:
+                    console.print(f"[yellow]note:[/] {note}")
         gm, pm = quantize_graph(gm, calib_set, opts, console=console, progress=progress, timer=timer)
 
     batch = graph_batch_size(gm)
@@ -254,48 +301,80 @@ def compile_model(loaded, calib, opts: CompileOptions, console=None,
         x = holdout[:batch].numpy() if holdout.shape[0] >= batch else example_inputs[0].numpy()
         lat_q = measure_latency(onnx_bytes, x, threads=2, warmup=5, runs=30)
         lat_f = measure_latency(float_bytes, x, threads=2, warmup=5, runs=30)
-    with timer.stage("write"):
-        atomic_write_bytes(out_dir / "model.onnx", onnx_bytes)
-        export_fake_quant(gm, out_dir / "model.pt2")
-        backend.write_extras(out_dir)
+        mixed = _check_plan(plan, onnx_bytes) if plan is not None else None
+    # every artifact of this compile replaces the previous ones together, or none does
+    with deferred_commit(out_dir):
+        with timer.stage("write"):
+            atomic_write_bytes(out_dir / "model.onnx", onnx_bytes)
+            export_fake_quant(gm, out_dir / "model.pt2")
+            backend.write_extras(out_dir)
+            if mixed is not None:
+                from fxq.mixed_precision import plot_front
 
-    regions = gm.meta.get("fxq.regions", [])
-    report = {
-        "fxq_version": __import__("fxq").__version__,
-        "model": getattr(loaded, "source", type(module).__name__),
-        "input_shape": list(example_inputs[0].shape),
-        "backend": opts.backend,
-        "target": opts.target,
-        "method": opts.method,
-        "granularity": opts.granularity,
-        "seed": opts.seed,
-        "weight_bits": opts.weight_bits,
-        "act_bits": opts.act_bits,
-        "first_last_bits": opts.first_last_bits,
-        "weight_range": gm.meta.get("fxq.weight_range"),
-        "bias_correction": gm.meta.get("fxq.bias_correction"),
-        "calibration_samples": int(calib_set.shape[0]),
-        "budget_ms": opts.budget_ms,
-        "latency": {"batch": batch, "threads": 2, "predicted_ms": None,
-                    "measured_ms": lat_q["median_ms"], "float_measured_ms": lat_f["median_ms"],
-                    "speedup_vs_float": round(lat_f["median_ms"] / lat_q["median_ms"], 3)},
-        "layers": layer_table(gm),
-        "regions": _regions_with_losses(regions, gm.meta.get("fxq.reconstruction", [])),
-        "reconstruction": _reconstruction_json(gm.meta.get("fxq.reconstruction_config"), opts,
-                                               gm.meta.get("fxq.reconstruction_device")),
-        "passes": [{"name": name, "modified": res.modified, "stats": _jsonable(res.stats)} for name, res in pm.history],
-        "verification": verification,
-        "artifacts": {"model.onnx": len(onnx_bytes), "float_onnx_bytes": len(float_bytes),
-                      "size_vs_float": round(len(onnx_bytes) / len(float_bytes), 4)},
-        "timings_s": timer.seconds,
-        **backend.report(gm),
-    }
-    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
+                atomic_write_text(out_dir / "search.json", json.dumps(mixed, indent=2))
+                plot_front(plan, out_dir / "pareto.png", (mixed.get("end_to_end") or {}).get("measured_ms"))
+
+        regions = gm.meta.get("fxq.regions", [])
+        report = {
+            "fxq_version": __import__("fxq").__version__,
+            "model": getattr(loaded, "source", type(module).__name__),
+            "input_shape": list(example_inputs[0].shape),
+            "backend": opts.backend,
+            "target": opts.target,
+            "method": opts.method,
+            "granularity": opts.granularity,
+            "seed": opts.seed,
+            "weight_bits": opts.weight_bits,
+            "act_bits": opts.act_bits,
+            "first_last_bits": opts.first_last_bits,
+            "weight_range": gm.meta.get("fxq.weight_range"),
+            "bias_correction": gm.meta.get("fxq.bias_correction"),
+            "calibration_samples": int(calib_set.shape[0]),
+            "budget_ms": opts.budget_ms,
+            "mixed_precision": _summary(mixed),
+            "latency": {"batch": batch, "threads": 2, "predicted_ms": plan.predicted_ms if plan else None,
+                        "measured_ms": lat_q["median_ms"], "float_measured_ms": lat_f["median_ms"],
+                        "speedup_vs_float": round(lat_f["median_ms"] / lat_q["median_ms"], 3)},
+            "layers": layer_table(gm),
+            "regions": _regions_with_losses(regions, gm.meta.get("fxq.reconstruction", [])),
+            "reconstruction": _reconstruction_json(gm.meta.get("fxq.reconstruction_config"), opts,
+                                                   gm.meta.get("fxq.reconstruction_device")),
+            "passes": [{"name": name, "modified": res.modified, "stats": _jsonable(res.stats)} for name, res in pm.history],
+            "verification": verification,
+            "artifacts": {"model.onnx": len(onnx_bytes), "float_onnx_bytes": len(float_bytes),
+                          "size_vs_float": round(len(onnx_bytes) / len(float_bytes), 4)},
+            "timings_s": timer.seconds,
+            **backend.report(gm),
+        }
+        atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
     if gm.meta.get("fxq.checkpoint") is not None:  # the artifacts are complete: nothing to resume
         gm.meta["fxq.checkpoint"].clear()
     if keep is not None:
         keep["graph_module"] = gm
     return report
+
+
+def _check_plan(plan, onnx_bytes: bytes) -> dict:
+    """The plan as JSON, with the emitted model timed end to end where the target is this
+    machine's ONNX Runtime (the cost model measured it; now the whole model is measured)."""
+    out = plan.to_json()
+    out["end_to_end"] = None
+    if plan.target == "ort-cpu":
+        from fxq.cost_models import check_end_to_end
+
+        check = check_end_to_end(onnx_bytes, plan.predicted_ms, batch=plan.batch, threads=2)
+        check["budget_ms"] = plan.budget_ms
+        check["within_budget"] = check["measured_ms"] <= plan.budget_ms
+        check["within_budget_5pct"] = check["measured_ms"] <= 1.05 * plan.budget_ms
+        out["end_to_end"] = check
+    return out
+
+
+def _summary(mixed: dict | None) -> dict | None:
+    """The report's mixed_precision entry: search.json without the Pareto front."""
+    if mixed is None:
+        return None
+    return {k: v for k, v in mixed.items() if k != "pareto_front"} | {"details": "search.json, pareto.png"}
 
 
 def _reconstruction_json(cfg, opts: CompileOptions, device: str | None) -> dict | None:

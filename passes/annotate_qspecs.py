@@ -2,7 +2,15 @@
 
 Writes ``node.meta["fxq.qspec"] = {"weight": QSpec | None, "inputs": {arg_index: QSpec},
 "rules": [row names]}`` on every consumer the table selects; bits come from the options, with
-the first and last layer (in topological order) kept at ``first_last_bits``. The table's storage
+the first and last layer (in topological order) kept at ``first_last_bits``.
+
+Mixed precision (``layer_precision``: FX node name -> weight bits, or ``"float"`` to leave the
+layer unquantized) decides each layer's weight on its own. Activations then follow where the
+integer data flows: every value is *integer* when a quantized layer produced it (through ops
+whose activation inputs are all integer) and *float* otherwise, and an edge keeps its quantizer
+when its producer is integer or its consumer is a quantized layer. So a quantized layer feeding a
+float one still ends in a Q/DQ pair — runtimes fuse a layer into an integer kernel only when its
+output is requantized — and the float layer reads the dequantized value, as the runtime will. The table's storage
 row for each weight may block its scales and make the layer weight-only. A row that matches but
 leaves a node in float says why in ``node.meta["fxq.float"]``. Decisions only:
 ``materialize_quantizers`` creates the quantizer nodes.
@@ -109,13 +117,29 @@ class AnnotateQSpecs(Pass):
     name = "annotate_qspecs"
 
     def __init__(self, table, weight_bits: int = 8, act_bits: int = 8, first_last_bits: int = 8,
-                 layer_bits: dict[str, int] | None = None, reduce_range: bool = False):
+                 layer_precision: dict[str, int | str] | None = None, reduce_range: bool = False):
         self.table = table
         self.weight_bits = weight_bits
         self.act_bits = act_bits
         self.first_last_bits = first_last_bits
-        self.layer_bits = dict(layer_bits or {})
+        self.layer_precision = dict(layer_precision or {})
         self.reduce_range = reduce_range
+
+    def _integer_values(self, gm: fx.GraphModule, memo: dict) -> set | None:
+        """The nodes whose value is integer data at run time (see the module doc); None when
+        every layer is quantized (then the table alone decides)."""
+        if not any(isinstance(p, str) for p in self.layer_precision.values()):
+            return None
+        integer = set()
+        for node in gm.graph.nodes:
+            if ops.is_layer(node):
+                if not isinstance(self.layer_precision.get(node.name, self.weight_bits), str):
+                    integer.add(node)
+            elif node.op == "call_function":
+                acts = [a for a in node.all_input_nodes if a.op != "get_attr" and _depends_on_input(a, memo)]
+                if acts and all(a in integer for a in acts):
+                    integer.add(node)
+        return integer
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         layers = [n for n in gm.graph.nodes if ops.is_layer(n)]
@@ -124,14 +148,23 @@ class AnnotateQSpecs(Pass):
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         count_w = count_a = 0
         skipped, skips, storage = [], 0, {}
+        integer = self._integer_values(gm, memo)
+
+        def keep(consumer: fx.Node, producer: fx.Node) -> bool:
+            if integer is None:
+                return True
+            return producer in integer or (ops.is_layer(consumer) and consumer in integer)
+
         for node in gm.graph.nodes:
             rules = self.table.rules_for(node)
             if not rules:
                 continue
             # the graph output is quantized at the precision of the layer that produces it
             boundary = node in edge_layers or node.op == "output"
-            wbits = self.layer_bits.get(ops.layer_name(node)) if ops.is_layer(node) else None
-            if wbits is None:
+            chosen = self.layer_precision.get(node.name) if ops.is_layer(node) else None
+            if chosen is not None:  # the search already applied the first/last floor
+                wbits = 32 if isinstance(chosen, str) else int(chosen)
+            else:
                 wbits = max(self.weight_bits, self.first_last_bits) if boundary else self.weight_bits
             abits = max(self.act_bits, self.first_last_bits) if (boundary and self.act_bits < 32) else self.act_bits
             spec = {"weight": None, "inputs": {}, "rules": []}
@@ -156,6 +189,8 @@ class AnnotateQSpecs(Pass):
                     continue
                 if rule.act_inputs == "skip":
                     pos, why = residual_skip(node, memo, order)
+                    if pos is not None and not keep(node, dict(_activation_args(node, "all"))[pos]):
+                        continue
                     if pos is None:
                         if why is not None:
                             node.meta[FLOAT] = {"rule": SKIP_FLOAT, "why": why}
@@ -167,7 +202,7 @@ class AnnotateQSpecs(Pass):
                     count_a += 1
                     continue
                 for pos, producer in _activation_args(node, rule.act_inputs):
-                    if _depends_on_input(producer, memo):
+                    if _depends_on_input(producer, memo) and keep(node, producer):
                         spec["inputs"][pos] = self.table.act_spec(abits)
                         count_a += 1
             if spec["weight"] is not None or spec["inputs"]:

@@ -412,8 +412,7 @@ class BlockFinder:
             previous = shape
         name = _Namer()
         stages = []
-        for run in runs:
-            nodes = self._close_exits(self.ag.between(set().union(*(b.nodes for _, b in run))))
+        for run, nodes in (piece for r in runs for piece in self._single_exit_pieces(r)):
             if len(run) == 1:
                 label = run[0][0].name
             else:
@@ -421,6 +420,29 @@ class BlockFinder:
                          or f"{run[0][0].name}..{run[-1][0].name}")
             stages.append(_region(self.ag, _Block("stage", nodes), name(label)))
         return stages
+
+    def _stage_nodes(self, run) -> set[fx.Node]:
+        return self._close_exits(self.ag.between(set().union(*(b.nodes for _, b in run))))
+
+    def _single_exit_pieces(self, run) -> list[tuple[list, set[fx.Node]]]:
+        """The run as one stage when that has a single exit; else split greedily into the
+        longest consecutive pieces that do (blocks on parallel branches of one shape: a piece
+        that would leave two values to the rest of the graph is no region)."""
+        nodes = self._stage_nodes(run)
+        if self._exits(nodes) <= 1 or len(run) == 1:
+            return [(run, nodes)]
+        pieces, current = [], [run[0]]
+        for item in run[1:]:
+            if self._exits(self._stage_nodes(current + [item])) <= 1:
+                current.append(item)
+            else:
+                pieces.append(current)
+                current = [item]
+        pieces.append(current)
+        return [(piece, self._stage_nodes(piece)) for piece in pieces]
+
+    def _exits(self, nodes: set[fx.Node]) -> int:
+        return sum(1 for n in nodes if self.ag.is_exit(n, nodes))
 
     def _close_exits(self, nodes: set[fx.Node]) -> set[fx.Node]:
         """Give a run with several exits (dense layers whose outputs are concatenated after

@@ -68,7 +68,8 @@ def test_artifacts_report_and_numerics(tmp_path):
     assert v["max_abs_diff"] < 0.05 and v["mean_cosine"] > 0.999
     assert report["verification"]["onnx_vs_integer_emulation"]["max_abs_diff"] == 0.0
     assert report["verification"]["onnx_vs_float"]["mean_cosine"] > 0.99
-    assert [p["name"] for p in report["passes"]] == ["canonicalize", "fold_batchnorm", "detect_blocks",
+    assert [p["name"] for p in report["passes"]] == ["canonicalize", "fold_batchnorm", "decompose_attention",
+                                                     "detect_blocks",
                                                      "annotate_qspecs", "materialize_quantizers"]
     assert {r["kind"] for r in report["regions"]} == {"residual", "layer"}
     # the fake-quantized torch.export archive runs and matches the ONNX model
@@ -126,9 +127,11 @@ def test_bias_correction_reduces_output_error(tmp_path):
             > without["verification"]["fake_quant_vs_float"]["mean_cosine"])
 
 
-def test_unimplemented_option_is_a_clear_error(tmp_path):
-    with pytest.raises(Exception, match="Not implemented yet"):
-        _compile(tmp_path, budget_ms=5.0)
+def test_mixed_precision_options_need_a_budget(tmp_path):
+    from fxq.errors import FxqError
+
+    with pytest.raises(FxqError, match="which needs a budget"):
+        _compile(tmp_path, bits=(4, 8))
     assert not (tmp_path / "out" / "model.onnx").exists()
 
 
