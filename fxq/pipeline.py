@@ -65,7 +65,7 @@ def graph_passes(opts: CompileOptions, table) -> list:
     passes = [Canonicalize()]
     if table.fold_batchnorm:
         passes.append(FoldBatchNorm())
-    if table.rewrites:  # fused attention split into the matmuls the table quantizes
+    if getattr(table, "rewrites", None):  # fused attention split into the matmuls the table quantizes
         from fxq.passes.decompose_attention import DecomposeAttention
 
         passes.append(DecomposeAttention(table))
