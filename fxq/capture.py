@@ -38,6 +38,13 @@ _DATA_DEPENDENT_HINTS = (
 )
 
 
+# gm.meta[CAPTURE_METHOD]: how the graph was obtained (there is no other route, e.g. no
+# fx.symbolic_trace fallback; the coverage table reports it per model)
+CAPTURE_METHOD = "fxq.capture"
+CAPTURED_EXPORT = "torch.export (non-strict)"
+CAPTURED_ARCHIVE = "torch.export archive"
+
+
 @dataclass(frozen=True)
 class UserFrame:
     filename: str
@@ -157,10 +164,12 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: tup
     """Return the canonical FX graph of ``model`` (see module docstring).
 
     ``example_inputs`` is required for an ``nn.Module``; an ExportedProgram carries its own.
-    The graph module remembers them in ``gm.meta["fxq.example_inputs"]``.
+    The graph module remembers them in ``gm.meta["fxq.example_inputs"]``, and how it was
+    captured in ``gm.meta["fxq.capture"]`` (``CAPTURED_EXPORT`` or ``CAPTURED_ARCHIVE``).
     """
     if isinstance(model, torch.export.ExportedProgram):
         ep = model
+        method = CAPTURED_ARCHIVE
         if example_inputs is None:
             example_inputs = example_inputs_of(ep)
     else:
@@ -168,9 +177,11 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: tup
             raise CaptureError("Capturing an nn.Module needs example inputs.",
                                "Pass --input-shape (e.g. 1,3,224,224).")
         ep = export_model(model, example_inputs)
+        method = CAPTURED_EXPORT
     gm = canonicalize_exported(ep)
     if example_inputs is None:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         example_inputs = tuple(torch.zeros(p.meta["val"].shape, dtype=p.meta["val"].dtype) for p in placeholders)
     gm.meta["fxq.example_inputs"] = tuple(example_inputs)
+    gm.meta[CAPTURE_METHOD] = method
     return gm

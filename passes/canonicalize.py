@@ -8,11 +8,15 @@ Rules, applied in this order:
     of it, and ``x`` is not a graph input or a parameter (the caller would see the mutation).
     Otherwise the op stays and ``stats["skipped"]`` says why. Twins come from
     ``fxq.ops.INPLACE_TO_FUNCTIONAL``, else from the op's own name (``foo_.X`` -> ``foo.X``) when
-    the schemas agree.
+    the schemas agree (argument types, and names after the first: ``dropout_(self, ...)`` has
+    the twin ``dropout(input, ...)``).
 ``canonicalize.drop_identity``
     ``clone``, ``alias``, ``contiguous``, ``detach`` and eval-mode dropout are replaced by their
     input, unless an in-place op left by the first rule mutates the input or the result (then the
-    copy is load-bearing). Readers of the removed node are stamped with the rule.
+    copy is load-bearing). Readers of the removed node are stamped with the rule. A copy also
+    fixes the memory layout: ``x.transpose(1, 2).contiguous().view(n, -1, h, w)`` (a channel
+    shuffle) only works on the contiguous copy, so every ``view`` that reads the removed node,
+    directly or through further views, becomes a ``reshape`` (same values on any layout).
 
 Unused ``get_attr`` nodes (``num_batches_tracked`` loads, for instance) are removed as well.
 """
@@ -132,8 +136,8 @@ def functional_twin(op) -> object | None:
     if twin is None:
         return None
 
-    def shape(o):
-        return [(a.name, str(a.type)) for a in o._schema.arguments]
+    def shape(o):  # the mutated first argument may be named differently (dropout_: self, dropout: input)
+        return [(a.name if i else "", str(a.type)) for i, a in enumerate(o._schema.arguments)]
 
     return twin if shape(twin) == shape(op) else None
 
@@ -189,6 +193,25 @@ def _functionalize(gm: fx.GraphModule, stats: dict) -> int:
 # ---------------------------------------------------------------------------------------------
 # Rule: drop identity
 
+# Views that need a compatible memory layout; ``reshape`` computes the same values on any layout.
+STRIDE_SENSITIVE_VIEWS = {aten.view.default, aten._unsafe_view.default}
+
+
+def _views_to_reshape(start: fx.Node) -> None:
+    """Every ``view`` reading ``start``, directly or through other views/aliases, becomes a
+    ``reshape``: ``start`` no longer has the layout of the copy it replaced."""
+    todo, derived = list(start.users), {start}
+    while todo:
+        node = todo.pop()
+        if node in derived or not any(src in derived for src in aliased_inputs(node)):
+            continue
+        derived.add(node)
+        if node.target in STRIDE_SENSITIVE_VIEWS:
+            node.target = aten.reshape.default
+            node.meta[RULE] = DROP_IDENTITY
+        todo.extend(node.users)
+
+
 def _drop_identities(gm: fx.GraphModule, stats: dict) -> int:
     graph = gm.graph
     aliases = AliasSets(graph)
@@ -213,6 +236,7 @@ def _drop_identities(gm: fx.GraphModule, stats: dict) -> int:
             user.meta[RULE] = DROP_IDENTITY
         node.replace_all_uses_with(src)
         graph.erase_node(node)
+        _views_to_reshape(src)
         count += 1
     return count
 

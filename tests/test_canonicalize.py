@@ -173,8 +173,38 @@ def test_functional_twin_falls_back_to_the_op_name():
     assert functional_twin(aten.add_.Scalar) is aten.add.Scalar
 
 
+def test_inplace_eval_dropout_is_functionalized_then_dropped():
+    """nn.Dropout(inplace=True) (EfficientNet's classifier) exports as dropout_(self, ...), whose
+    twin dropout(input, ...) names its first argument differently."""
+    assert functional_twin(aten.dropout_.default) is aten.dropout.default
+    assert functional_twin(aten.feature_alpha_dropout_.default) is aten.feature_alpha_dropout.default
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.2, inplace=True), nn.Linear(4, 2))
+    gm, stats, _ = run(model, torch.randn(2, 4))
+    assert set(op_counts(canonical_lines(gm))) == {"aten.linear"} and stats["skipped"] == []
+
+
 def test_plain_function_and_second_run_is_a_no_op():
     gm = canonicalize(capture(TinyResidual().eval(), (torch.randn(1, 3, 8, 8),)))
     lines = canonical_lines(gm)
     result = Canonicalize()(gm)
     assert not result.modified and canonical_lines(gm) == lines
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNet's channel shuffle: the view after the transpose needs the contiguous copy."""
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        y = (x * 2).view(n, 2, c // 2, h, w).transpose(1, 2).contiguous()
+        z = y.view(n, c, h, w)
+        return z.view(n, c, h * w)[..., :3] + 1  # a view of the view: also stride-sensitive
+
+
+def test_dropped_contiguous_turns_its_views_into_reshapes():
+    x = torch.randn(2, 4, 3, 3)
+    gm, _, before = run(ChannelShuffle(), x)  # run() checks the outputs are unchanged
+    counts = op_counts(canonical_lines(gm))
+    assert op_counts(before)["aten.view"] == 3
+    assert "aten.contiguous" not in counts and "aten.clone" not in counts
+    assert counts["aten.reshape"] == 2 and counts["aten.view"] == 1  # the first view stays
+    assert all(n.meta.get(RULE) == DROP_IDENTITY for n in gm.graph.nodes if n.target == aten.reshape.default)
