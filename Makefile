@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch/torchvision first, pinned to the releases that install from local disk here;
 	# pyproject.toml itself only asks for torch>=2.6.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[examples,test]'
+	$(PY) -m pip install -q -e '.[examples,test,transformers]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -353,6 +353,26 @@ def _div_rounding(ctx, node, x, y, mode, dtype):
     return ctx.op("Mul", ctx.op("Sign", q), ctx.op("Floor", ctx.op("Abs", q)))
 
 
+_BITWISE = {aten.bitwise_and: "And", aten.__and__: "And", aten.bitwise_or: "Or", aten.__or__: "Or",
+            aten.bitwise_xor: "Xor", aten.__xor__: "Xor"}
+
+
+def _bitwise(op_type: str) -> Emitter:
+    """``&``, ``|``, ``^``: logical And/Or/Xor on booleans, BitwiseAnd/Or/Xor on integers."""
+    def emit(ctx, node, a):
+        dtype = ctx.dtype(node)
+        if dtype.is_floating_point:
+            ctx.fail(f"bitwise {op_type} of floating-point tensors")
+        name = op_type if dtype == torch.bool else f"Bitwise{op_type}"
+        return ctx.op(name, ctx.value(node.args[0], dtype), ctx.value(node.args[1], dtype))
+    emit.__name__ = f"_bitwise_{op_type}"
+    return emit
+
+
+for _packet, _op_type in _BITWISE.items():
+    emits(_packet)(_bitwise(_op_type))
+
+
 @emits(aten.ne)
 def _ne(ctx, node, a):
     dtype = _result_type(ctx, node.args[0], node.args[1])
@@ -590,6 +610,25 @@ for _op, _op_type in ((aten.mean.dim, "ReduceMean"), (aten.mean.default, "Reduce
                       (aten.amax.default, "ReduceMax"), (aten.amin.default, "ReduceMin"),
                       (aten.prod.dim_int, "ReduceProd")):
     emits(_op)(_reduction(_op_type))
+
+
+@emits(aten.linalg_vector_norm.default)
+def _vector_norm(ctx, node, a):
+    """‖x‖_p over ``dim``: ReduceL2 / ReduceL1, ReduceMax(|x|) for p = inf, else (Σ|x|^p)^(1/p)."""
+    dtype = ctx.dtype(node)
+    x = ctx.value(a.self, dtype)
+    dims, keep = _dims(ctx, a.self, a.dim), bool(a.keepdim)
+    p = float(a.ord)
+    if p == 2.0:
+        return ctx.reduce("ReduceL2", x, dims, keep)
+    if p == 1.0:
+        return ctx.reduce("ReduceL1", x, dims, keep)
+    if p == math.inf:
+        return ctx.reduce("ReduceMax", ctx.op("Abs", x), dims, keep)
+    if p == 0.0 or p == -math.inf:
+        ctx.fail(f"vector norm of order {p} has no ONNX emitter")
+    powered = ctx.op("Pow", ctx.op("Abs", x), ctx.value(p, dtype))
+    return ctx.op("Pow", ctx.reduce("ReduceSum", powered, dims, keep), ctx.value(1.0 / p, dtype))
 
 
 @emits(aten.max.dim, aten.min.dim)
@@ -880,11 +919,42 @@ def _index_select(ctx, node, a):
 def _index(ctx, node, a):
     indices = list(a.indices)
     used = [i for i, t in enumerate(indices) if t is not None]
-    if len(used) != 1 or ctx.dtype(indices[used[0]]) == torch.bool:
-        ctx.fail("advanced indexing with more than one index tensor (or a boolean mask) has no "
-                 "ONNX emitter", "Index with one integer tensor, or use torch.gather / index_select.")
-    axis = used[0]
-    return ctx.op("Gather", ctx.value(a.self), ctx.value(indices[axis]), axis=axis)
+    if not used or any(ctx.dtype(indices[i]) == torch.bool for i in used):
+        ctx.fail("advanced indexing with a boolean mask has no ONNX emitter",
+                 "Index with integer tensors, or use torch.where / masked_fill.")
+    if len(used) == 1:
+        axis = used[0]
+        return ctx.op("Gather", ctx.value(a.self), ctx.value(indices[axis]), axis=axis)
+    return _index_nd(ctx, node, a.self, indices, used)
+
+
+def _index_nd(ctx, node, data, indices, used):
+    """``x[i, j, ...]`` with several integer index tensors: broadcast them to one shape B, stack
+    them on a last axis and GatherND. torch puts B where the indexed dims were when they are
+    adjacent, else first; the indexed dims are moved to the front for GatherND and B is moved
+    back afterwards."""
+    shape = ctx.shape(data)
+    rank = len(shape)
+    bshape = tuple(torch.broadcast_shapes(*(tuple(ctx.shape(indices[i])) for i in used)))
+    rest = [d for d in range(rank) if d not in used]
+    x = ctx.value(data)
+    if used != list(range(len(used))):
+        x = ctx.op("Transpose", x, perm=used + rest)
+    stacked = []
+    for i in used:
+        idx = ctx.value(indices[i])
+        if ctx.dtype(indices[i]) != torch.int64:
+            idx = ctx.op("Cast", idx, to=7)  # INT64
+        if tuple(ctx.shape(indices[i])) != bshape:
+            idx = ctx.op("Expand", idx, ctx.const(_i64(bshape), "shape"))
+        stacked.append(ctx.op("Unsqueeze", idx, ctx.const(_i64([-1]), "axes")))
+    out = ctx.op("GatherND", x, ctx.op("Concat", *stacked, axis=-1))
+    adjacent = used == list(range(used[0], used[0] + len(used)))
+    if adjacent and used[0] > 0:  # B goes back to where the indexed dims were
+        nb, before = len(bshape), used[0]
+        perm = list(range(nb, nb + before)) + list(range(nb)) + list(range(nb + before, nb + len(rest)))
+        out = ctx.op("Transpose", out, perm=perm)
+    return out
 
 
 @emits(aten.gather.default)

@@ -32,6 +32,9 @@ class PlacementRule:
     act_inputs: str = "first"
     weight: bool = False        # quantize argument 1 (the layer weight)
     why: str = ""
+    # the runtime's integer kernel is DQ -> op -> Q: the row applies only where a consumer
+    # quantizes the op's output (annotate_qspecs.requantized); elsewhere the op stays float
+    needs_quantized_output: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,15 @@ class StorageRule:
 
 
 @dataclass(frozen=True)
+class RewriteRule:
+    """A fused op the backend wants split into ops its placement rows quantize, before placement
+    (``passes.decompose_attention`` reads these rows)."""
+    name: str
+    ops: frozenset
+    why: str
+
+
+@dataclass(frozen=True)
 class FloatRule:
     """Ops a backend leaves in float on purpose, and why (reported per node in report.json)."""
     name: str
@@ -81,6 +93,7 @@ class BackendTable:
     float_ops_note: str = ""
     runtime: str = ""
     storage: tuple[StorageRule, ...] = ()
+    rewrites: tuple[RewriteRule, ...] = ()
     float_rules: tuple[FloatRule, ...] = ()
     float_default: str = "no placement row for this op: it runs in float"
     # ONNX Runtime's x86 u8s8 kernels can saturate with full-range int8 weights (see
@@ -188,10 +201,14 @@ def _tensorrt_act(bits: int) -> QSpec:
 
 _POOL_OPS = frozenset({aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.mean.dim})
 _LAYERS = frozenset(ops.LAYER_OPS)
-_CLAMPS = frozenset({aten.relu.default, aten.hardtanh.default, aten.clamp.default})
+_CLAMPS = frozenset(ops.CLAMP_OPS)
 _ATTENTION = frozenset(getattr(aten, n).default for n in (
     "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention") if hasattr(aten, n))
+# Normalizations, Softmax and GELU: kept float by both tables (see the float rows below).
+_TRANSFORMER_FLOAT = frozenset({aten.layer_norm.default, aten.native_layer_norm.default, aten.softmax.int,
+                                aten._softmax.default, aten._safe_softmax.default, aten.log_softmax.int,
+                                aten._log_softmax.default, aten.gelu.default})
 
 ONNX_QDQ = BackendTable(
     name="onnx-qdq",
@@ -206,8 +223,10 @@ ONNX_QDQ = BackendTable(
                       why="DQ -> Conv/Gemm -> Q fuses to QLinearConv/QGemm"),
         PlacementRule("onnx-qdq.matmul", frozenset(ops.MATMUL_OPS), "all",
                       why="activation x activation products run as QLinearMatMul"),
-        PlacementRule("onnx-qdq.add", frozenset(ops.ADD_OPS), "all",
-                      why="QLinearAdd keeps residual joins in uint8"),
+        PlacementRule("onnx-qdq.add", frozenset(ops.ADD_OPS), "all", needs_quantized_output=True,
+                      why="QLinearAdd keeps residual joins in uint8; ONNX Runtime fuses DQ -> Add -> Q "
+                          "only, so an add whose output only float ops read (a post-norm "
+                          "transformer's residual add feeding LayerNorm) stays float"),
         PlacementRule("onnx-qdq.concat", frozenset(ops.CAT_OPS), "all",
                       why="QLinearConcat keeps concat joins in uint8"),
         PlacementRule("onnx-qdq.pool", _POOL_OPS, "first",
@@ -223,11 +242,25 @@ ONNX_QDQ = BackendTable(
         StorageRule("onnx-qdq.weights.int8", _LAYERS, 8, "int8",
                     why="int8, per output channel; 5- to 7-bit grids use the int8 container"),
     ),
+    rewrites=(
+        RewriteRule("onnx-qdq.attention", frozenset({aten.scaled_dot_product_attention.default}),
+                    "split into MatMul(Q, Kᵀ) · scale → mask → Softmax → MatMul(P, V) "
+                    "(passes.decompose_attention), so the matmul row quantizes Q·Kᵀ and attention·V "
+                    "(QLinearMatMul); Softmax stays float"),
+    ),
     float_rules=(
         FloatRule("onnx-qdq.float.clamp", _CLAMPS,
                   "ONNX Runtime removes it in front of a Q whose range it does not restrict"),
         FloatRule("onnx-qdq.float.batchnorm", frozenset(ops.BATCHNORM_OPS),
                   "not folded: fold_batchnorm refused it (see that pass's refusals)"),
+        FloatRule("onnx-qdq.float.transformer", _TRANSFORMER_FLOAT,
+                  "kept float on purpose: LayerNorm and Softmax reduce over a whole row (outlier "
+                  "channels and a long-tailed softmax lose most of an 8-bit grid), GELU is cheap "
+                  "between the Q/DQ of the linears around it; their outputs are quantized where a "
+                  "quantized op reads them (Linear, MatMul)"),
+        FloatRule("onnx-qdq.float.attention", _ATTENTION,
+                  "fused attention that decompose_attention left fused (its stats say why): runs in "
+                  "float"),
     ),
     float_default="no QLinear kernel in the placement table: runs in float between DQ and Q",
     float_ops_note="BatchNorm is folded; other ops (activations, softmax, layer norm) run in float "
@@ -270,6 +303,9 @@ TENSORRT = BackendTable(
                   "left unfolded: TensorRT folds BatchNorm into the preceding conv"),
         FloatRule("tensorrt.float.activation", frozenset(ops.ACTIVATION_OPS),
                   "left unfused: TensorRT fuses pointwise activations into the preceding conv/gemm/add"),
+        FloatRule("tensorrt.float.transformer", _TRANSFORMER_FLOAT - frozenset(ops.ACTIVATION_OPS),
+                  "LayerNorm and Softmax stay float: TensorRT fuses them in its normalization and "
+                  "attention kernels"),
         FloatRule("tensorrt.float.attention", _ATTENTION,
                   "fused attention stays float: TensorRT runs it in its own attention kernel; the "
                   "Q/K/V and output projections around it are quantized"),
@@ -355,6 +391,8 @@ def render_markdown(tables=None) -> str:
                 "| row | consumer ops | quantized inputs | weight | why |", "|---|---|---|---|---|"]
         for r in t.rules:
             inputs = {"first": "input 0", "all": "all", "skip": "the skip input only"}[r.act_inputs]
+            if r.needs_quantized_output:
+                inputs += ", where its output is quantized"
             out.append(f"| `{r.name}` | {', '.join(_op_names(r.ops))} | {inputs} | "
                        f"{'yes' if r.weight else 'no'} | {_cell(r.why)} |")
         out += ["", "Weight storage (first matching row wins):", "",
@@ -366,6 +404,10 @@ def render_markdown(tables=None) -> str:
                        f"{' or '.join(map(str, s.blocks)) or 'per channel'} | "
                        f"{'float (weight-only)' if s.weight_only else 'quantized'} | "
                        f"{_cell(s.why)}{' (warns)' if s.warn else ''} |")
+        if t.rewrites:
+            out += ["", "Rewritten before placement (a fused op split so the placement rows reach its "
+                    "products):", "", "| row | fused ops | why |", "|---|---|---|"]
+            out += [f"| `{r.name}` | {', '.join(_op_names(r.ops))} | {_cell(r.why)} |" for r in t.rewrites]
         out += ["", "Left in float (listed per node in `report.json` → `float_nodes`):", "",
                 "| row | ops | why |", "|---|---|---|"]
         for f in t.float_rules:

@@ -1,6 +1,6 @@
 """Quality benchmark: every quantization method at every bit setting, side by side, per model.
 
-    .venv/bin/python benchmarks/quality.py [--models lite0,digits-resnet,digits-mbv2]
+    .venv/bin/python benchmarks/quality.py [--models lite0,digits-resnet,digits-mbv2,digits-vit,minilm]
         [--settings W4A32,W3A32,W2A32,W4A8,W4A4,W2A4] [--methods rtn,adaround,brecq,brecq-fisher,qdrop]
         [--calib 256] [--eval 1000] [--iters N] [--preset fast] [--out bench-out/quality]
         [--resume-rows] [--md docs/quality.md] [--threads N]
@@ -19,6 +19,12 @@ Models and metrics:
 - ``digits-resnet``, ``digits-mbv2``: the small CNNs of ``fxq.examples.digits`` (trained on first
   use, then cached); calibration from the training split, metric: accuracy on the test split
   (its first ``--eval`` images, at most all 597).
+- ``digits-vit`` (not in the default set): torchvision's ``VisionTransformer`` trained on the
+  digits (``fxq.examples.vit_digits``), same data and metric.
+- ``minilm`` (not in the default set; needs ``fxq[transformers]``): the pretrained sentence
+  encoder all-MiniLM-L6-v2 (``fxq.examples.minilm``); calibration and evaluation sentences from
+  disjoint standard-library modules' docstrings; metrics against the float model: mean cosine
+  similarity of the embeddings and nearest-neighbour agreement (see docs/transformers.md).
 
 Methods: rtn, adaround (layer-wise), brecq (block-wise, MSE), brecq-fisher (Fisher-weighted
 loss), qdrop. A method the installed fxq does not implement raises ``FxqError``; its row is
@@ -59,7 +65,8 @@ from fxq.errors import FxqError  # noqa: E402
 from fxq.options import CompileOptions  # noqa: E402
 from fxq.pipeline import compile_model, fidelity, run_onnx  # noqa: E402
 
-MODELS = ("lite0", "digits-resnet", "digits-mbv2")
+MODELS = ("lite0", "digits-resnet", "digits-mbv2", "digits-vit", "minilm")
+DEFAULT_MODELS = ("lite0", "digits-resnet", "digits-mbv2")
 DEFAULT_SETTINGS = ("W4A32", "W3A32", "W2A32", "W4A8", "W4A4", "W2A4")
 # method label -> CompileOptions fields
 METHODS = {
@@ -168,6 +175,52 @@ class DigitsBench(Bench):
         return f"{metrics['accuracy']:.1%}"
 
 
+class ViTDigitsBench(DigitsBench):
+    """torchvision's VisionTransformer trained on the digits (``fxq.examples.vit_digits``)."""
+
+    def __init__(self, n_calib: int, n_eval: int):
+        from fxq.examples import digits, vit_digits
+
+        self.name = "digits-vit"
+        splits = digits.digits_splits()
+        n_eval = min(n_eval, splits["test_x"].shape[0])
+        self.labels = splits["test_y"][:n_eval]
+        self._accuracy = digits.accuracy
+        Bench.__init__(self, vit_digits.trained_vit_digits(), (torch.zeros(vit_digits.INPUT_SHAPE),),
+                       digits.calib_samples(n_calib, seed=0), splits["test_x"][:n_eval])
+        self.data_note = (f"{n_calib} calibration images from the training split, {n_eval} test images; "
+                          f"model `fxq.examples.vit_digits` (4 pre-norm encoder layers, hidden 64, 4 heads, "
+                          f"64 patches)")
+
+
+class MiniLMBench(Bench):
+    """all-MiniLM-L6-v2 (``fxq.examples.minilm``) on standard-library docstring sentences."""
+
+    name = "minilm"
+    metric_note = ("mean cosine similarity of the sentence embeddings to the float model's / "
+                   "nearest-neighbour agreement (each evaluation sentence's nearest other sentence, "
+                   "float vs quantized embeddings)")
+
+    def __init__(self, n_calib: int, n_eval: int):
+        from fxq.examples import minilm
+        from fxq.examples.text_corpus import stdlib_sentences
+
+        self._metrics = minilm.similarity_metrics
+        n_eval = min(n_eval, len(stdlib_sentences("eval")))
+        calib = minilm.tokenize(stdlib_sentences("calib", n_calib, seed=0))
+        evals = minilm.tokenize(stdlib_sentences("eval", n_eval, seed=0))
+        super().__init__(minilm.sentence_encoder(), (calib[:minilm.BATCH],), calib, evals)
+        self.data_note = (f"{n_calib} calibration sentences, {n_eval} evaluation sentences from disjoint "
+                          f"standard-library modules' docstrings (`fxq.examples.text_corpus`), "
+                          f"{minilm.SEQ_LEN} tokens each")
+
+    def score(self, embeddings: torch.Tensor) -> dict:
+        return self._metrics(self.float_out, embeddings)
+
+    def cell(self, metrics: dict) -> str:
+        return f"{metrics['mean_cosine']:.4f} / {metrics['nn_agreement']:.1%}"
+
+
 def load_bench(name: str, n_calib: int, n_eval: int) -> Bench:
     if name == "lite0":
         return Lite0Bench(n_calib, n_eval)
@@ -175,6 +228,10 @@ def load_bench(name: str, n_calib: int, n_eval: int) -> Bench:
         return DigitsBench(name, "resnet", n_calib, n_eval)
     if name == "digits-mbv2":
         return DigitsBench(name, "mobilenetv2", n_calib, n_eval)
+    if name == "digits-vit":
+        return ViTDigitsBench(n_calib, n_eval)
+    if name == "minilm":
+        return MiniLMBench(n_calib, n_eval)
     raise ValueError(name)
 
 
@@ -264,7 +321,7 @@ def machine_info(threads: int) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=_csv(MODELS), default=list(MODELS))
+    ap.add_argument("--models", type=_csv(MODELS), default=list(DEFAULT_MODELS))
     ap.add_argument("--settings", type=_csv(), default=list(DEFAULT_SETTINGS))
     ap.add_argument("--methods", type=_csv(tuple(METHODS)), default=[m for m in METHODS if m != "brecq-2stage"])
     ap.add_argument("--calib", type=int, default=256, help="calibration samples (all calibrate: holdout 0)")

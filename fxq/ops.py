@@ -28,6 +28,13 @@ ACTIVATION_OPS = {aten.relu.default, aten.hardtanh.default, aten.clamp.default, 
                   aten.silu.default, aten.gelu.default, aten.hardswish.default, aten.hardsigmoid.default,
                   aten.leaky_relu.default, aten.tanh.default, aten.elu.default, aten.mish.default}
 CAT_OPS = {aten.cat.default, aten.concat.default, aten.concatenate.default}
+# Normalizations over the feature dimension (no running statistics to fold into a layer).
+NORM_OPS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.group_norm.default,
+            aten.native_group_norm.default}
+if hasattr(aten, "rms_norm"):
+    NORM_OPS.add(aten.rms_norm.default)
+# Clamping activations a runtime drops in front of a QuantizeLinear whose range they do not restrict.
+CLAMP_OPS = {aten.relu.default, aten.hardtanh.default, aten.clamp.default}
 
 # In-place op -> functional twin (canonicalize rewrites them when nothing reads the old value).
 INPLACE_TO_FUNCTIONAL = {

@@ -224,9 +224,13 @@ def _train_region(sub, data: _RegionData, quantizers, acts, cfg: ReconConfig, se
     gen = torch.Generator(device=data.device).manual_seed(seed)
     torch.manual_seed(seed)  # QDrop's masks inside the region's activation quantizers (CUDA too)
     batched = [True]
+    # a cached batch holds the graph's static batch of samples: a step sees cfg.batch_size samples
+    first = data.target[0] if data.n else None
+    per_batch = int(first.shape[0]) if first is not None and first.dim() > 0 else 1
+    picks = max(1, -(-cfg.batch_size // per_batch))
 
     def pick():
-        return [rng.randrange(data.n) for _ in range(cfg.batch_size)]
+        return [rng.randrange(data.n) for _ in range(picks)]
 
     def stage(steps, with_rounding: bool, drop: float):
         def loss_fn(step):

@@ -113,6 +113,50 @@ def residual_skip(node: fx.Node, memo: dict, order: dict) -> tuple[object | None
     return skip[0], why
 
 
+OUTPUT_FLOAT_WHY = ("no consumer quantizes its output (float ops such as LayerNorm read it), and the "
+                    "runtime's integer kernel needs DQ -> op -> Q: quantizing its inputs would only "
+                    "lose precision")
+
+
+def _reads_quantized(consumer: fx.Node, producer: fx.Node, table, kept: set) -> bool:
+    """Whether a placement row of ``consumer`` quantizes its input ``producer``."""
+    for rule in table.rules_for(consumer):
+        if rule.needs_quantized_output and consumer not in kept:
+            continue
+        if rule.act_inputs != "first":
+            return True
+        first = _activation_args(consumer, "first")
+        if first and first[0][1] is producer:
+            return True
+    return False
+
+
+def requantized(gm: fx.GraphModule, table) -> set:
+    """The nodes with a ``needs_quantized_output`` row whose output a consumer quantizes, reached
+    through transparent ops and clamps (a runtime drops a ReLU in front of a Q). Decided in
+    reverse order, so a chain of such ops (the residual adds of a pre-norm transformer) is kept
+    as long as its last member is."""
+    kept: set = set()
+    passthrough = ops.TRANSPARENT_OPS | ops.CLAMP_OPS
+    for node in reversed(gm.graph.nodes):
+        if not any(r.needs_quantized_output for r in table.rules_for(node)):
+            continue
+        stack, seen = [node], set()
+        while stack:
+            value = stack.pop()
+            for user in value.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if ops.is_op(user, passthrough):
+                    stack.append(user)
+                elif _reads_quantized(user, value, table, kept):
+                    kept.add(node)
+                    stack.clear()
+                    break
+    return kept
+
+
 class AnnotateQSpecs(Pass):
     name = "annotate_qspecs"
 
@@ -149,6 +193,7 @@ class AnnotateQSpecs(Pass):
         count_w = count_a = 0
         skipped, skips, storage = [], 0, {}
         integer = self._integer_values(gm, memo)
+        requant = requantized(gm, self.table)
 
         def keep(consumer: fx.Node, producer: fx.Node) -> bool:
             if integer is None:
@@ -186,6 +231,9 @@ class AnnotateQSpecs(Pass):
                     count_w += 1
             for rule in rules:
                 if abits >= 32 or weight_only:
+                    continue
+                if rule.needs_quantized_output and node not in requant:
+                    node.meta[FLOAT] = {"rule": rule.name, "why": OUTPUT_FLOAT_WHY}
                     continue
                 if rule.act_inputs == "skip":
                     pos, why = residual_skip(node, memo, order)

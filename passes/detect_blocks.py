@@ -172,6 +172,18 @@ def _has_layer(nodes: Iterable[fx.Node]) -> bool:
     return any(ops.is_layer(n) for n in nodes)
 
 
+def _trailing_norm(ag: ActivationGraph, join: fx.Node) -> fx.Node | None:
+    """The normalization (LayerNorm, GroupNorm ...) that is the only reader of a residual join,
+    or None. Everything after the join then sees only the normalized value (a post-norm
+    transformer: ``LayerNorm(x + f(x))``), so the block ends there and is judged by it: the raw
+    sum is dominated by a few outlier channels the normalization divides away."""
+    users = ag.users(join)
+    if len(users) == 1 and len(join.users) == 1 and ops.is_op(users[0], ops.NORM_OPS) \
+            and users[0].args and users[0].args[0] is join:
+        return users[0]
+    return None
+
+
 def _join_candidates(ag: ActivationGraph) -> list[_Block]:
     """One candidate per join: what lies strictly below its immediate dominator and above it.
 
@@ -190,7 +202,11 @@ def _join_candidates(ag: ActivationGraph) -> list[_Block]:
                  if n.op != "placeholder" and n is not entry
                  and ag.dom.covers(entry, n) and ag.pdom.covers(join, n)}
         if _has_layer(nodes):
-            found.append(_Block(kind, nodes, join, join))
+            norm = _trailing_norm(ag, join) if kind == "residual" else None
+            if norm is not None:
+                found.append(_Block(kind, nodes | {norm}, norm, join))
+            else:
+                found.append(_Block(kind, nodes, join, join))
             continue
         exit_ = join
         while ag.ipdom[exit_] is not _SINK and ag.dom.covers(join, ag.ipdom[exit_]):

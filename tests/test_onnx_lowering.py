@@ -211,6 +211,17 @@ CASES = {
                                               pr=nn.PReLU(4), pr1=nn.PReLU()),
                                    lambda: (r(2, 4, 3, 3), torch.randint(0, 4, (2, 2, 3, 3)))),
     "embedding": (lambda: nn.Embedding(10, 4), lambda: (torch.tensor([[1, 9, 0], [3, 3, 2]]),)),
+    # several index tensors (Hugging Face builds its padding mask as mask[batch_idx, kv_idx])
+    "index_nd": (lambda: Fn(lambda s, x, i, j: (x[i, j], x[:, i, j], x[i, :, j],
+                                                x[torch.arange(2)[:, None], torch.arange(3)[None, :]])),
+                 lambda: (r(2, 3, 4), torch.tensor([[0, 1], [1, 0]]), torch.tensor([2, -1]))),
+    "bitwise_and_or_xor": (lambda: Fn(lambda s, x, n: ((x > 0) & (x < 1), (x > 0) | (x < -1), (x > 0) ^ (x > 1),
+                                                       n & 6, n | 1, n ^ 3)),
+                           lambda: (r(2, 5), torch.randint(0, 9, (2, 5)))),
+    "vector_norm": (lambda: Fn(lambda s, x: (F.normalize(x, dim=-1), torch.linalg.vector_norm(x, 1, dim=0),
+                                             torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True),
+                                             torch.linalg.vector_norm(x, 3.0, dim=(0, 1)))),
+                    lambda: (r(2, 3, 4),)),
     "folded_constants": (lambda: Fn(lambda s, x: x + torch.arange(x.shape[-1]) * s.p.expand(2, -1).sum(0)
                                     + torch.zeros_like(x) + torch.ones(x.shape[-1]).cumsum(0) + x.new_ones(x.shape)
                                     + torch.full((1,), 2.0), p=r(1, 4)), lambda: (r(3, 4),)),
