@@ -20,8 +20,10 @@ Parts:
   behave like trained networks numerically) and the accuracy proxy is agreement with their own
   float model (top-1 and KL) on photo crops, fake-quantized in PyTorch (rtn). Latencies are the
   model's, not measured.
-* ``costerror`` -- the ort-cpu cost model's per-edge prediction against the measured latency of
-  the emitted float and W8A8 models of ResNet-18 and MobileNetV2 (and Lite0's rows of part 1).
+* ``costerror`` -- the ort-cpu cost model against the measured latency of the emitted float,
+  W8A8 and mixed (middle of the range) models of ResNet-18 and MobileNetV2 (and Lite0's rows of
+  part 1): the sum of the segments timed alone, and the tables after their end-to-end fit on the
+  uniform float and int8 models (``cost_models.calibrate_end_to_end``), which the search uses.
 * ``search`` -- the GA against the exact dynamic program on the Lite0 (ort-cpu) and ResNet-18
   (bitserial) problems: objective gap and run time over budgets across the range and GA seeds.
 
@@ -100,8 +102,10 @@ def part_lite0(args, log) -> dict:
         variants["uniform W8A8"] = {"onnx": (Path(tmp) / "w8a8" / "model.onnx").read_bytes(),
                                     "budget_ms": None, "compile_s": time.perf_counter() - t0,
                                     "predicted_ms": probe.tables.predict_ms(8),
+                                    "parts_ms": probe.cost_calibration["models"]["8"]["predicted_ms_before"],
                                     "sensitivity": next(r["sensitivity"] for r in probe.uniform if r["precision"] == 8)}
-        variants["float"].update(predicted_ms=probe.tables.predict_ms("float"), sensitivity=0.0)
+        variants["float"].update(predicted_ms=probe.tables.predict_ms("float"), sensitivity=0.0,
+                                 parts_ms=probe.cost_calibration["models"]["float"]["predicted_ms_before"])
         for b in budgets:
             out = Path(tmp) / f"mixed-{b}"
             t0 = time.perf_counter()
@@ -124,6 +128,7 @@ def part_lite0(args, log) -> dict:
         q = _score(float_logits, run_onnx(v["onnx"], evalx, 1)) if name != "float" else \
             {"top1_agreement": 1.0, "mean_kl": 0.0}
         rows.append({"variant": name, "budget_ms": v["budget_ms"], "predicted_ms": v.get("predicted_ms"),
+                     "parts_ms": v.get("parts_ms"),
                      "search_latency_ms": v.get("search_latency_ms"), "measured_ms": timing[name]["median_ms"],
                      "p10_ms": timing[name]["p10_ms"], "p90_ms": timing[name]["p90_ms"],
                      "sensitivity": v.get("sensitivity"), "counts": v.get("counts"),
@@ -231,39 +236,48 @@ def part_bitserial(args, log) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def part_costerror(args, log, lite0_rows=None) -> dict:
-    """Predicted (per-edge) vs measured end-to-end latency of the float and W8A8 models of
-    ResNet-18 and MobileNetV2 (random weights) on ort-cpu; Lite0's rows come from part 1."""
+    """Predicted vs measured end-to-end latency on ort-cpu of ResNet-18 and MobileNetV2 (random
+    weights): float, W8A8 and a mixed model at the middle of the range, timed interleaved.
+    ``parts`` is the sum of the segments timed alone (before the end-to-end fit), ``predicted``
+    the fitted tables the search used (fitted on the uniform float and int8 models, so the
+    mixed row is the out-of-sample check); Lite0's rows come from part 1."""
     from fxq.backends.lower_qdq import lower_qdq
     from fxq.capture import capture
-    from fxq.cost_models import cost_tables
     from fxq.examples.photos import photo_crops
     from fxq.options import CompileOptions
     from fxq.ort_timing import timing_report
-    from fxq.passes.infra import PassManager
-    from fxq.pipeline import compile_model, graph_passes
-    from fxq.backends.tables import get_backend
+    from fxq.pipeline import compile_model, plan_mixed_precision
 
     calib = photo_crops("calib", 32, seed=0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     out = {}
     if lite0_rows:
-        out["lite0"] = [{"variant": r["variant"], "predicted_ms": r["predicted_ms"], "measured_ms": r["measured_ms"]}
+        out["lite0"] = [{k: r.get(k) for k in ("variant", "parts_ms", "predicted_ms", "measured_ms")}
                         for r in lite0_rows if r.get("predicted_ms")]
     for name in ("resnet18", "mobilenet_v2"):
         model = _torchvision(name)
         example = (torch.zeros(1, 3, 224, 224),)
         gm = capture(model, example)
-        base = PassManager(graph_passes(CompileOptions(), get_backend("onnx-qdq"))).run(copy.deepcopy(gm))
-        tables = cost_tables(base, "ort-cpu", batch=1)
+        probe = plan_mixed_precision(gm, calib, CompileOptions(budget_ms=1e9, target="ort-cpu"))
+        fit = probe.cost_calibration["models"]
+        mid = round((probe.fastest_ms + probe.float_ms) / 2, 2)
         with tempfile.TemporaryDirectory() as tmp:
-            compile_model((model, example), calib, CompileOptions(out_dir=tmp, holdout=0))
-            int8 = (Path(tmp) / "model.onnx").read_bytes()
-        models = {"float": lower_qdq(copy.deepcopy(gm), quantized=False).SerializeToString(), "uniform W8A8": int8}
+            compile_model((model, example), calib, CompileOptions(out_dir=Path(tmp) / "w8", holdout=0))
+            int8 = (Path(tmp) / "w8" / "model.onnx").read_bytes()
+            rep = compile_model((model, example), calib, CompileOptions(out_dir=Path(tmp) / "mx", holdout=0,
+                                                                        budget_ms=mid, target="ort-cpu"))
+            mixed = (Path(tmp) / "mx" / "model.onnx").read_bytes()
+        mp = rep["mixed_precision"]
+        models = {"float": lower_qdq(copy.deepcopy(gm), quantized=False).SerializeToString(),
+                  "uniform W8A8": int8, f"mixed @ {mid:g} ms": mixed}
         timing = timing_report(models, calib[:1].numpy(), threads=2, warmup=10, runs=args.runs,
                                rounds=max(1, args.runs // 10), spinning=False)
-        out[name] = [{"variant": "float", "predicted_ms": tables.predict_ms("float"),
-                      "measured_ms": timing["float"]["median_ms"]},
-                     {"variant": "uniform W8A8", "predicted_ms": tables.predict_ms(8),
-                      "measured_ms": timing["uniform W8A8"]["median_ms"]}]
+        out[name] = [{"variant": "float", "parts_ms": fit["float"]["predicted_ms_before"],
+                      "predicted_ms": probe.tables.predict_ms("float"), "measured_ms": timing["float"]["median_ms"]},
+                     {"variant": "uniform W8A8", "parts_ms": fit["8"]["predicted_ms_before"],
+                      "predicted_ms": probe.tables.predict_ms(8), "measured_ms": timing["uniform W8A8"]["median_ms"]},
+                     {"variant": f"mixed @ {mid:g} ms ({', '.join(f'{n}×{p}' for p, n in mp['counts'].items())})",
+                      "parts_ms": None, "predicted_ms": mp["predicted_ms"],
+                      "measured_ms": timing[f"mixed @ {mid:g} ms"]["median_ms"]}]
         log(f"costerror {name}: {out[name]}")
     return out
 
@@ -338,13 +352,22 @@ def markdown(res: dict, command: str) -> str:
         lines.append("")
     if "costerror" in res:
         lines += ["## ort-cpu cost model: predicted vs measured end to end", "",
-                  "Per-edge prediction (`CostTables.predict_ms`) against the interleaved median of the emitted "
-                  "ONNX models (batch 1, 2 threads; ResNet-18 and MobileNetV2 with random weights, W8A8 rtn).", "",
-                  "| model | variant | predicted (ms) | measured (ms) | error |", "|---|---|---|---|---|"]
+                  "*Parts*: the sum of the segments timed alone (before the fit). *Predicted*: the per-edge "
+                  "prediction (`CostTables.predict_ms`) of the tables the search used, fitted to the whole "
+                  "uniform float and int8 models (`cost_models.calibrate_end_to_end`, its own timing run), so "
+                  "the mixed rows are the out-of-sample check. *Measured*: the interleaved median of the "
+                  "emitted ONNX models in a later timing run (batch 1, 2 threads; ResNet-18 and MobileNetV2 "
+                  "with random weights, rtn).", "",
+                  "| model | variant | parts (ms) | error | predicted (ms) | measured (ms) | error |",
+                  "|---|---|---|---|---|---|---|"]
+
+        def err(pred, meas):
+            return "—" if pred is None else f"{100 * (pred - meas) / meas:+.1f} %"
         for name, rows in res["costerror"].items():
             for r in rows:
-                lines.append(f"| {name} | {r['variant']} | {r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | "
-                             f"{100 * (r['predicted_ms'] - r['measured_ms']) / r['measured_ms']:+.1f} % |")
+                lines.append(f"| {name} | {r['variant']} | {_fmt(r.get('parts_ms'), '.2f')} | "
+                             f"{err(r.get('parts_ms'), r['measured_ms'])} | {r['predicted_ms']:.2f} | "
+                             f"{r['measured_ms']:.2f} | {err(r['predicted_ms'], r['measured_ms'])} |")
         lines.append("")
     if "search" in res:
         lines += ["## GA vs exact", "",

@@ -96,6 +96,7 @@ class MixedPrecisionPlan:
     seconds: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     search_budget_ms: float | None = None    # the additive budget the solver was given
+    cost_calibration: dict | None = None     # cost_models.calibrate_end_to_end's record
 
     def layer_precision(self) -> dict[str, Any]:
         return dict(self.assignment)
@@ -125,6 +126,7 @@ class MixedPrecisionPlan:
                               "sensitivity": p.sensitivity, "layers": named(p.layers)}
                              for p, q in zip(self.front, self.front_ms)],
             "seconds": self.seconds, "notes": list(self.notes),
+            "cost_calibration": self.cost_calibration,
         }
         if self.solution is not None:
             sol = self.solution.to_json()
@@ -198,10 +200,13 @@ def plan(base, calib, *, target: str, budget_ms: float, quantized: Callable[[int
          bits: Sequence[int] | None = None, batch: int = 1, search: str = "ga", seed: int = 0,
          pins: Sequence[tuple[str, Any]] = (), first_last_bits: int = 8, settings: str = "",
          latency_table=None, sensitivity_samples: int = 64, progress=None,
-         cost_options: Mapping[str, Any] | None = None) -> MixedPrecisionPlan:
+         cost_options: Mapping[str, Any] | None = None,
+         uniform_onnx: Callable[[Any], Any] | None = None) -> MixedPrecisionPlan:
     """Plan the precision of every layer of ``base`` (float graph with regions) for
     ``budget_ms`` on ``target``; see the module doc. ``quantized(bits)`` returns a calibrated
-    copy of ``base`` at ``bits`` (for the sensitivity measurement)."""
+    copy of ``base`` at ``bits`` (for the sensitivity measurement). ``uniform_onnx(precision)``
+    returns the ONNX model with every layer at ``precision``: given it, measured cost tables are
+    fitted to those models' end-to-end latencies (``cost_models.calibrate_end_to_end``)."""
     from fxq import ops
     from fxq.cost_models import cost_tables
     from fxq.search import pareto_front, solve, solve_exact
@@ -216,6 +221,16 @@ def plan(base, calib, *, target: str, budget_ms: float, quantized: Callable[[int
     t0 = time.perf_counter()
     tables = cost_tables(base, target, bits=bits, batch=batch, latency_table=latency_table,
                          progress=_cost_progress(progress), **dict(cost_options or {}))
+    calibration = None
+    if uniform_onnx is not None and tables.kind == "measured" and tables.act_type is not None:
+        from fxq.cost_models import calibrate_end_to_end
+
+        if progress is not None:
+            task = progress.add_task("fitting the cost model to whole-model latencies", total=None)
+        models = {p: uniform_onnx(p) for p in tables.precisions}
+        tables, calibration = calibrate_end_to_end(tables, models)
+        if progress is not None:
+            progress.remove_task(task)
     seconds["cost_model"] = round(time.perf_counter() - t0, 3)
     precisions = tuple(precision_order(tables.precisions))
     t0 = time.perf_counter()
@@ -252,7 +267,7 @@ def plan(base, calib, *, target: str, budget_ms: float, quantized: Callable[[int
                   budget_ms=float(budget_ms), search=search, precisions=precisions, front=front,
                   front_ms=predicted,
                   fastest_ms=fastest_ms, float_ms=float_ms, uniform=uniform, tables=tables, sens=sens,
-                  problem=problem)
+                  problem=problem, cost_calibration=calibration)
     if float_ms is not None and budget_ms >= float_ms:
         assignment = {n.name: float_label for n in layer_nodes}
         return MixedPrecisionPlan(status="float", assignment=assignment, predicted_ms=float_ms,
@@ -276,7 +291,8 @@ def plan(base, calib, *, target: str, budget_ms: float, quantized: Callable[[int
     solution = solve(problem, search_budget, method=search, seed=seed)
     seconds["search"] = round(time.perf_counter() - t0, 3)
     exact = solve_exact(problem, search_budget) if search == "ga" else None
-    notes = list(tables.notes[:20])
+    notes = [n for n in tables.notes if n.startswith("end-to-end calibration")] + \
+        [n for n in tables.notes if not n.startswith("end-to-end calibration")][:20]
     if tables.predict_ms(solution.layers) > budget_ms and exact is not None:
         notes.insert(0, "the GA's answer fits the additive budget but not the per-edge prediction: "
                         "the exact optimum is used")

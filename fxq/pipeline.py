@@ -65,7 +65,7 @@ def graph_passes(opts: CompileOptions, table) -> list:
     passes = [Canonicalize()]
     if table.fold_batchnorm:
         passes.append(FoldBatchNorm())
-    if getattr(table, "rewrites", None):  # fused attention split into the matmuls the table quantizes
+    if table.rewrites:  # fused attention split into the matmuls the table quantizes
         from fxq.passes.decompose_attention import DecomposeAttention
 
         passes.append(DecomposeAttention(table))
@@ -106,12 +106,28 @@ def plan_mixed_precision(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileO
         calibrate_activations(q, calib)
         return q
 
+    def uniform_onnx(precision):
+        """The whole model with every layer at ``precision``, for fitting measured costs (its
+        scales need not be good: only its latency is used, so a few samples calibrate it)."""
+        from fxq.backends import lowering
+        from fxq.backends.lower_qdq import lower_qdq
+        from fxq.cost_models import is_float
+
+        if is_float(precision):
+            return lower_qdq(copy.deepcopy(base), opts, quantized=False)
+        uniform = dataclasses.replace(opts, weight_bits=int(precision), first_last_bits=0, budget_ms=None,
+                                      layer_precision=None)
+        q = PassManager(quantization_passes(uniform, table, reduced)).run(copy.deepcopy(base))
+        calibrate_activations(q, calib[:8])
+        return lowering(opts.backend).lower(q, uniform)
+
     settings = repr((opts.backend, opts.act_bits, reduced, opts.granularity, opts.method == "adaround"))
     return mixed_precision.plan(
         base, calib, target=opts.target, budget_ms=opts.budget_ms, quantized=quantized, bits=opts.bits,
         batch=opts.batch, search=opts.search, seed=opts.seed, pins=opts.pins,
         first_last_bits=opts.first_last_bits, settings=settings, latency_table=opts.latency_table,
-        sensitivity_samples=opts.sensitivity_samples, progress=progress)
+        sensitivity_samples=opts.sensitivity_samples, progress=progress,
+        uniform_onnx=uniform_onnx if opts.backend == "onnx-qdq" else None)
 
 
 def quantize_graph(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions, console=None,

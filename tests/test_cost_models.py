@@ -298,3 +298,46 @@ def test_cli_knows_every_cost_model_target():
     from fxq import cost_models, options
 
     assert options.TARGETS == cost_models.TARGETS
+
+
+def test_end_to_end_fit_matches_the_uniform_models_and_scales_by_type(tiny_gm, tmp_path):
+    """calibrate_end_to_end: after the fit each uniform model's prediction is its measured
+    median; float work and int8 work carry one factor each, so a mixed assignment's float and
+    int8 parts scale by those factors; the record says what was measured."""
+    import copy
+
+    from fxq.backends.lower_qdq import lower_qdq
+    from fxq.calibrate import calibrate_activations
+
+    t = cm.cost_tables(tiny_gm, "ort-cpu", cache_dir=tmp_path, seconds_per_item=0.03, max_seconds=20)
+    q = copy.deepcopy(tiny_gm)
+    calibrate_activations(q, torch.randn(8, 3, 24, 24))
+    from fxq.capture import capture
+
+    torch.manual_seed(0)
+    float_gm = capture(Tiny().eval(), (torch.randn(1, 3, 24, 24),))
+    models = {"float": lower_qdq(float_gm, quantized=False), 8: lower_qdq(q)}
+    fitted, record = cm.calibrate_end_to_end(t, models, runs=10, warmup=2)
+    for p, key in (("float", "float"), (8, "8")):
+        r = record["models"][key]
+        assert r["predicted_ms_before"] == pytest.approx(t.predict_ms(p))
+        assert fitted.predict_ms(p) == pytest.approx(r["measured_ms"], rel=1e-6, abs=1e-9) or \
+            not 0.25 < record["scale"]["int8" if p == 8 else "float"] < 4.0  # clamped: noted
+    assert set(record["scale"]) == {"float", "int8"} and all(k > 0 for k in record["scale"].values())
+    assert any(n.startswith("end-to-end calibration") for n in fitted.notes)
+    # one factor per activation type, everywhere
+    first = next(iter(t.latency))
+    mixed = {n: ("float" if n == first else 8) for n in t.latency}
+    before, after = t.predict_parts(mixed), fitted.predict_parts(mixed)
+    for kind, ms in before.items():
+        assert after[kind] == pytest.approx(ms * record["scale"][kind])
+    assert sum(after.values()) == pytest.approx(fitted.predict_ms(mixed))
+    assert fitted.latency[first]["float"] == pytest.approx(t.latency[first]["float"] * record["scale"]["float"])
+    # the originals are untouched
+    assert t.predict_ms("float") == pytest.approx(record["models"]["float"]["predicted_ms_before"])
+
+
+def test_rescaled_needs_activation_types(tiny_gm):
+    t = cm.cost_tables(tiny_gm, "bitserial")
+    with pytest.raises(FxqError, match="no activation types"):
+        t.rescaled({"float": 2.0})
