@@ -392,9 +392,11 @@ def _fmt(v, spec: str) -> str:
 
 def render(rows: list[dict], order: list[str], command: str, meta: dict) -> str:
     by = {r["model"]: r for r in rows}
+    missing = [n for n in order if n not in by]
     rows = [by[n] for n in order if n in by]
     classif = [r for r in rows if r["model"] not in DETECTION_BACKBONES]
     passed = sum(r["ok"] for r in classif)
+    total = sum(n not in DETECTION_BACKBONES for n in order)
     total_s = sum(r.get("wall_s", r.get("seconds", 0)) for r in rows)
     lines = [
         "# Coverage: torchvision models through fxq",
@@ -405,6 +407,8 @@ def render(rows: list[dict], order: list[str], command: str, meta: dict) -> str:
         "",
         f"**{passed} / {len(classif)} torchvision classification models pass**"
         + (f" ({passed / len(classif):.0%})" if classif else "")
+        + (f"; {len(classif)} of {total} have been run ({len(missing)} not yet: see the end)"
+           if missing else f"; all {total} run")
         + f"; detection backbones: {sum(r['ok'] for r in rows if r['model'] in DETECTION_BACKBONES)}"
         f" / {sum(r['model'] in DETECTION_BACKBONES for r in rows)}. "
         f"Run time (sum over the models) {total_s / 60:.0f} min ({meta}).",
@@ -444,6 +448,10 @@ def render(rows: list[dict], order: list[str], command: str, meta: dict) -> str:
         lines.append("None.")
     for r in fails:
         lines.append(f"- **{r['model']}**: {r.get('error', '?')}")
+    if missing:
+        lines += ["", "## Not run yet", "",
+                  "Selected but without a row in `results.jsonl` (the largest models run last; "
+                  "`--resume-rows` continues): " + ", ".join(missing) + "."]
     return "\n".join(lines) + "\n"
 
 

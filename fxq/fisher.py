@@ -22,6 +22,8 @@ everywhere (the quantized model already matches) falls back to plain MSE.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import fx
@@ -62,6 +64,24 @@ class _Normalized:
         return 0.5 + 0.5 * g2 / self.mean
 
 
+@contextlib.contextmanager
+def values_carry_gradients(gm: fx.GraphModule, chunk: torch.Tensor):
+    """Make every value computed from the input carry a gradient: a float input requires one; an
+    integer input (token ids) cannot, so the graph's float parameters do for the duration (an
+    embedding lookup then carries it to everything downstream)."""
+    if chunk.is_floating_point():
+        yield chunk.clone().requires_grad_(True)
+        return
+    frozen = [p for p in gm.parameters() if p.is_floating_point() and not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield chunk
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 def fisher_weights(gm: fx.GraphModule, data: torch.Tensor, names: list[str], budget: MemoryBudget,
                    reference: ValueStore | None = None) -> FisherWeights:
     """Squared KL gradients at nodes ``names`` for every calibration batch (one pass).
@@ -75,8 +95,7 @@ def fisher_weights(gm: fx.GraphModule, data: torch.Tensor, names: list[str], bud
         else:
             with torch.no_grad(), quantizers_off(gm):
                 float_out = gm(chunk)
-        with torch.enable_grad():
-            x = chunk.clone().requires_grad_(True)  # every value downstream carries a gradient
+        with torch.enable_grad(), values_carry_gradients(gm, chunk) as x:
             tap = _Recorder(gm, set(names), last=None)  # records the values, keeps their graph
             out = tap.run(x)
             taps = [tap.values[n] for n in names]

@@ -154,13 +154,13 @@ def model_fisher(gm: fx.GraphModule, data: torch.Tensor, names: list[str], budge
     """Per batch, the squared gradient of -log p(y|x) at nodes ``names``, y drawn from the float
     model's prediction (see the module doc). ``gm`` runs as is: pass the float graph."""
     from fxq.calibrate import batches, graph_batch_size
+    from fxq.fisher import values_carry_gradients
     from fxq.region_graph import ValueStore, _Recorder
 
     gen = torch.Generator().manual_seed(seed)
     stores = {n: ValueStore(f"sens-fisher-{n}", budget) for n in names}
     for chunk in batches(data, graph_batch_size(gm)):
-        with torch.enable_grad():
-            x = chunk.clone().requires_grad_(True)
+        with torch.enable_grad(), values_carry_gradients(gm, chunk) as x:
             tap = _Recorder(gm, set(names), last=None)
             out = tap.run(x)
             out = out[0] if isinstance(out, (tuple, list)) else out

@@ -166,3 +166,33 @@ def test_resume_refuses_a_checkpoint_of_another_compile(tmp_path, monkeypatch):
     monkeypatch.setattr(reconstruct_mod, "_reconstruct_region", real)
     with pytest.raises(FxqError, match="different compile"):
         _compile(tmp_path / "out", iters=41, resume=True)
+
+
+def test_fisher_weights_flow_from_integer_inputs():
+    """Token ids cannot require a gradient: the graph's frozen float parameters carry it for the
+    pass (and are frozen again after), so a region output behind an embedding gets real weights."""
+    from torch import nn
+
+    from fxq.capture import capture
+    from fxq.fisher import fisher_weights
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin, self.out = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            return self.out((h + self.lin(h).relu()).mean(1))
+
+    torch.manual_seed(0)
+    model = Encoder().eval().requires_grad_(False)
+    ids = torch.randint(0, 50, (16, 6))
+    gm = capture(model, (ids[:8],))
+    gm.requires_grad_(False)
+    name = next(n.name for n in gm.graph.nodes if n.op == "call_function" and "add" in str(n.target))
+    w = fisher_weights(gm, ids, [name], MemoryBudget(1 << 24))
+    g = w.region(name)
+    assert len(g) == 2 and g[0].shape == (8, 6, 16)
+    assert float(g[0].std()) > 0  # not the all-ones fallback of a missing gradient
+    assert not any(p.requires_grad for p in gm.parameters())
