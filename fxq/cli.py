@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--weight-range", choices=opts.WEIGHT_RANGES, default="auto",
                      help="8-bit weight grid: full int8, or 'reduced' to a 7-bit magnitude so x86 CPUs "
                           "without VNNI do not saturate; 'auto' decides from this machine (default)")
+    com.add_argument("--no-smooth", dest="smooth", action="store_false",
+                     help="do not move outlier channels of linear layers' inputs into their weights "
+                          "(smooth_activations; on by default where it lowers the quantized error)")
     com.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
                      help="skip the per-channel correction of the output shift weight rounding causes")
     com.add_argument("--budget-ms", metavar="X", type=float,
@@ -237,7 +240,7 @@ def build_options(args: argparse.Namespace) -> opts.CompileOptions:
         preset=args.preset, seed=args.seed, calib_size=args.calib_size, preprocess=args.preprocess,
         bits=bits, budget_ms=args.budget_ms, batch=args.batch, search=args.search, pins=pins,
         latency_table=args.latency_table, print_diff=args.print_diff, print_summary=args.print_summary,
-        weight_range=args.weight_range, bias_correction=args.bias_correction,
+        weight_range=args.weight_range, bias_correction=args.bias_correction, smooth=args.smooth,
         print_after=tuple(args.print_after), debug=args.debug, json=args.json, resume=args.resume,
         drop_prob=args.drop_prob, tuning=args.tuning, device=args.device)
 

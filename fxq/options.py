@@ -37,6 +37,7 @@ class CompileOptions:
     calib_size: int | None = None
     preprocess: str = "imagenet"
     weight_range: str = "auto"  # 8-bit weights: full int8, or 7-bit magnitude where int8 kernels saturate
+    smooth: bool = True  # move outlier channels of linear layers' inputs into their weights (smooth_activations)
     bias_correction: bool = True  # remove the mean output shift weight rounding causes, per channel
     holdout: int = 32            # calibration samples held back to verify fidelity
     bits: tuple[int, ...] | None = None  # mixed precision: candidate integer bit-widths (--bits)

@@ -56,8 +56,9 @@ def split_holdout(data: torch.Tensor, holdout: int) -> tuple[torch.Tensor, torch
     return data[:-hold], data[-hold:], True
 
 
-def graph_passes(opts: CompileOptions, table) -> list:
-    """The passes before any quantization decision: they end with the regions found."""
+def graph_passes(opts: CompileOptions, table, calib: torch.Tensor | None = None) -> list:
+    """The passes before any quantization decision: they end with the regions found. With
+    ``calib``, linear layers' inputs are smoothed (``opts.smooth``; it needs the data)."""
     from fxq.passes.canonicalize import Canonicalize
     from fxq.passes.detect_blocks import DetectBlocks
     from fxq.passes.fold_batchnorm import FoldBatchNorm
@@ -69,6 +70,14 @@ def graph_passes(opts: CompileOptions, table) -> list:
         from fxq.passes.decompose_attention import DecomposeAttention
 
         passes.append(DecomposeAttention(table))
+    if calib is not None and opts.smooth and opts.act_bits < 32:
+        from fxq.backends.tables import resolve_weight_range
+        from fxq.passes.smooth_activations import SmoothActivations
+
+        # candidates are scored on the weight grid the backend will use (7-bit magnitude if reduced)
+        reduced, _ = resolve_weight_range(opts.weight_range, table)
+        bits = opts.weight_bits - 1 if reduced and opts.weight_bits == 8 else opts.weight_bits
+        passes.append(SmoothActivations(calib, bits, opts.act_bits))
     # layer-wise AdaRound is reconstruction on single-layer regions
     passes.append(DetectBlocks("layer" if opts.method == "adaround" else opts.granularity))
     return passes
@@ -84,8 +93,8 @@ def quantization_passes(opts: CompileOptions, table, reduce_range: bool = False)
             MaterializeQuantizers()]
 
 
-def build_passes(opts: CompileOptions, table, reduce_range: bool = False):
-    return graph_passes(opts, table) + quantization_passes(opts, table, reduce_range)
+def build_passes(opts: CompileOptions, table, reduce_range: bool = False, calib: torch.Tensor | None = None):
+    return graph_passes(opts, table, calib) + quantization_passes(opts, table, reduce_range)
 
 
 def plan_mixed_precision(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions, progress=None):
@@ -98,7 +107,7 @@ def plan_mixed_precision(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileO
 
     table = get_backend(opts.backend)
     reduced, _ = resolve_weight_range(opts.weight_range, table)
-    base = PassManager(graph_passes(opts, table)).run(copy.deepcopy(gm))
+    base = PassManager(graph_passes(opts, table, calib)).run(copy.deepcopy(gm))
 
     def quantized(bits: int) -> fx.GraphModule:
         uniform = CompileOptions(weight_bits=bits, act_bits=opts.act_bits, first_last_bits=0)
@@ -150,7 +159,7 @@ def quantize_graph(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions
         observers.append(diff_observer(console, None if opts.print_diff else set(), set(opts.print_after)))
     reduced, why = resolve_weight_range(opts.weight_range, table)
     gm.meta["fxq.weight_range"] = {"reduced": reduced, "why": why}
-    pm = PassManager(build_passes(opts, table, reduced), verify=opts.debug, observers=observers,
+    pm = PassManager(build_passes(opts, table, reduced, calib), verify=opts.debug, observers=observers,
                      wants_snapshots=bool(observers))
     with timer.stage("passes"):
         gm = pm.run(gm)

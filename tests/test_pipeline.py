@@ -68,7 +68,7 @@ def test_artifacts_report_and_numerics(tmp_path):
     assert v["max_abs_diff"] < 0.05 and v["mean_cosine"] > 0.999
     assert report["verification"]["onnx_vs_integer_emulation"]["max_abs_diff"] == 0.0
     assert report["verification"]["onnx_vs_float"]["mean_cosine"] > 0.99
-    assert [p["name"] for p in report["passes"]] == ["canonicalize", "fold_batchnorm", "decompose_attention", "detect_blocks",
+    assert [p["name"] for p in report["passes"]] == ["canonicalize", "fold_batchnorm", "decompose_attention", "smooth_activations", "detect_blocks",
                                                      "annotate_qspecs", "materialize_quantizers"]
     assert {r["kind"] for r in report["regions"]} == {"residual", "layer"}
     # the fake-quantized torch.export archive runs and matches the ONNX model
