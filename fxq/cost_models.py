@@ -1493,6 +1493,9 @@ class OrtCpuModel(CostModel):
                              "items": len(items)},
                             op_ms, overhead, edges, act, edge_cost, transition)
         tables.details = {"machine": self.machine(), "cache": str(self._cache_path()),
+                          # what the tables were built from: keys a cached end-to-end fit
+                          "signature": _hash({"v": COST_MODEL_VERSION, "keys": keys, "batch": graph.batch,
+                                              "precisions": [str(p) for p in chosen]}),
                           "fixed_ms_by_precision": {
                               "float": overhead + sum(v["float"] for v in op_ms.values()),
                               "int8": overhead + sum(v["int8"] for v in op_ms.values())},
@@ -1541,13 +1544,19 @@ def cost_tables(gm, target: str = DEFAULT_TARGET, precisions: Sequence[Precision
     return model.tables(gm, precisions=precisions, bits=bits, batch=batch, progress=progress)
 
 
-def calibrate_end_to_end(tables: CostTables, models: Mapping[Precision, Any], *, threads: int = 2,
-                         runs: int = 60, warmup: int = 5) -> tuple[CostTables, dict]:
+def calibrate_end_to_end(tables: CostTables, models: Mapping[Precision, Any] | Callable[[], Mapping[Precision, Any]],
+                         *, threads: int = 2, runs: int = 100, warmup: int = 5,
+                         use_cache: bool = True) -> tuple[CostTables, dict]:
     """Fit measured tables to whole-model latencies: ``models`` maps a precision to the ONNX
-    model with every layer at it (the float one is required). All are timed interleaved; each
-    activation type's costs are then scaled so ``predict_ms`` of each uniform model equals its
-    measured median -- the float type from the float model, each integer type from its uniform
-    model given the float scale.
+    model with every layer at it (the float one is required), or is a callable returning that
+    map (called only when the fit is not cached). All are timed interleaved; each activation
+    type's costs are then scaled so ``predict_ms`` of each uniform model equals its measured
+    median -- the float type from the float model, each integer type from its uniform model
+    given the float scale.
+
+    The fit is cached beside the segment times (``<cache>.fits.json``, keyed by the tables'
+    ``signature``: the same segments, batch and precisions), so every compile of a model on this
+    machine plans with the same numbers; delete the file to measure again.
 
     Why: segments timed alone pay what the whole model does not (the Q of a lone int8 segment's
     input and the DQ of its output, cold caches, a session's per-run work), so the sum of the
@@ -1558,6 +1567,19 @@ def calibrate_end_to_end(tables: CostTables, models: Mapping[Precision, Any], *,
 
     if tables.act_type is None:
         raise FxqError(f"The {tables.target} cost tables have no activation types to calibrate.", "")
+    fits_path = Path(tables.details["cache"] + ".fits.json") if use_cache and tables.details.get("cache") else None
+    key = tables.details.get("signature")
+    fits: dict = {}
+    if fits_path is not None and key and fits_path.is_file():
+        try:
+            fits = json.loads(fits_path.read_text())
+        except (OSError, ValueError):
+            fits = {}
+        if key in fits:
+            record = dict(fits[key], cached=True)
+            return _apply_fit(tables, record), record
+    if callable(models):
+        models = models()
     base_p = tables.float_precision
     order = [base_p] + [p for p in models if p != base_p]
     if base_p not in models:
@@ -1576,7 +1598,8 @@ def calibrate_end_to_end(tables: CostTables, models: Mapping[Precision, Any], *,
     timing = timing_report(onnx_models, feeds, threads=threads, warmup=warmup, runs=runs,
                            rounds=max(1, runs // 10), spinning=False)
     scale: dict[str, float] = {}
-    record = {"models": {}, "scale": scale, "runs": runs, "threads": threads}
+    record = {"models": {}, "scale": scale, "runs": runs, "threads": threads,
+              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "clamped": []}
     clamped = []
     for p in order:
         parts = tables.predict_parts(p)
@@ -1594,16 +1617,29 @@ def calibrate_end_to_end(tables: CostTables, models: Mapping[Precision, Any], *,
         record["models"][str(p)] = {"measured_ms": measured, "p10_ms": timing[str(p)]["p10_ms"],
                                     "p90_ms": timing[str(p)]["p90_ms"],
                                     "predicted_ms_before": sum(parts.values())}
-    note = ("end-to-end calibration: " + ", ".join(
-        f"{p} measured {record['models'][str(p)]['measured_ms']:.3g} ms vs the parts' "
-        f"{record['models'][str(p)]['predicted_ms_before']:.3g} ms" for p in order)
-        + "; scales " + ", ".join(f"{t} x{k:.3f}" for t, k in scale.items())
-        + (f" (clamped: {'; '.join(clamped)})" if clamped else ""))
-    out = tables.rescaled(scale, note)
+    record["clamped"] = clamped
+    out = _apply_fit(tables, record)
     for p in order:
         record["models"][str(p)]["predicted_ms_after"] = out.predict_ms(p)
-    out.details["end_to_end_calibration"] = record
+    if fits_path is not None and key:
+        from fxq.atomic import atomic_write_text
+
+        fits_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(fits_path, json.dumps(dict(fits, **{key: record}), indent=0, sort_keys=True))
+    record = dict(record, cached=False)
     return out, record
+
+
+def _apply_fit(tables: CostTables, record: dict) -> CostTables:
+    models = record["models"]
+    note = ("end-to-end calibration" + (" (cached)" if record.get("cached") else "") + ": " + ", ".join(
+        f"{p} measured {m['measured_ms']:.3g} ms vs the parts' {m['predicted_ms_before']:.3g} ms"
+        for p, m in models.items())
+        + "; scales " + ", ".join(f"{t} x{k:.3f}" for t, k in record["scale"].items())
+        + (f" (clamped: {'; '.join(record['clamped'])})" if record.get("clamped") else ""))
+    out = tables.rescaled(record["scale"], note)
+    out.details["end_to_end_calibration"] = record
+    return out
 
 
 def check_end_to_end(onnx_model, predicted_ms: float, *, batch: int | None = None, threads: int = 2,

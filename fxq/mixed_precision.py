@@ -227,8 +227,8 @@ def plan(base, calib, *, target: str, budget_ms: float, quantized: Callable[[int
 
         if progress is not None:
             task = progress.add_task("fitting the cost model to whole-model latencies", total=None)
-        models = {p: uniform_onnx(p) for p in tables.precisions}
-        tables, calibration = calibrate_end_to_end(tables, models)
+        precisions_ = tables.precisions
+        tables, calibration = calibrate_end_to_end(tables, lambda: {p: uniform_onnx(p) for p in precisions_})
         if progress is not None:
             progress.remove_task(task)
     seconds["cost_model"] = round(time.perf_counter() - t0, 3)

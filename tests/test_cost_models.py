@@ -318,6 +318,12 @@ def test_end_to_end_fit_matches_the_uniform_models_and_scales_by_type(tiny_gm, t
     float_gm = capture(Tiny().eval(), (torch.randn(1, 3, 24, 24),))
     models = {"float": lower_qdq(float_gm, quantized=False), 8: lower_qdq(q)}
     fitted, record = cm.calibrate_end_to_end(t, models, runs=10, warmup=2)
+    assert record["cached"] is False
+    # the fit is cached with the tables: a second compile plans with the same numbers, and the
+    # models are not even built (the callable is not called)
+    again, cached = cm.calibrate_end_to_end(t, lambda: pytest.fail("models built for a cached fit"))
+    assert cached["cached"] is True and cached["scale"] == record["scale"]
+    assert again.predict_ms("float") == pytest.approx(fitted.predict_ms("float"))
     for p, key in (("float", "float"), (8, "8")):
         r = record["models"][key]
         assert r["predicted_ms_before"] == pytest.approx(t.predict_ms(p))
