@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -316,17 +315,20 @@ def trained_digits_model(arch: str, cache_dir: str | os.PathLike | None = None, 
     t0 = time.perf_counter()
     trained = _train(arch, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(trained.state_dict(), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_state_dict(trained, path)
     if verbose:
         print(f"fxq.examples.digits: trained {arch} in {time.perf_counter() - t0:.1f} s -> {path}",
               file=sys.stderr)
     model.load_state_dict(trained.state_dict(), strict=True)
     return model.eval()
+
+
+def save_state_dict(model: nn.Module, path: Path) -> None:
+    """Write ``model``'s state dict to ``path`` atomically (a cache another run may be reading)."""
+    import io
+
+    from fxq.atomic import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    atomic_write_bytes(path, buf.getvalue())

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -102,15 +101,7 @@ def trained_vit_digits(cache_dir: str | os.PathLike | None = None, verbose: bool
     t0 = time.perf_counter()
     trained = _train()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(trained.state_dict(), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    digits.save_state_dict(trained, path)
     if verbose:
         print(f"fxq.examples.vit_digits: trained in {time.perf_counter() - t0:.1f} s -> {path}", file=sys.stderr)
     model.load_state_dict(trained.state_dict(), strict=True)

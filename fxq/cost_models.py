@@ -389,14 +389,6 @@ class CostTables:
         """Predicted end-to-end latency of one precision per layer (a mapping, or one precision
         for every layer). Unlike the search's additive view, transitions are priced per tensor
         on the real edges of the graph, and non-layer ops at the precision of their inputs."""
-        if not isinstance(assignment, Mapping):
-            p = normalize_precision(assignment)
-            assignment = {name: p for name in self.latency}
-        assignment = {k: normalize_precision(v) for k, v in assignment.items()}
-        missing = [n for n in self.latency if n not in assignment]
-        if missing:
-            raise FxqError(f"No precision given for layer(s) {', '.join(missing[:5])}.",
-                           "Give every layer a precision (or one precision for all).")
         return sum(self.predict_parts(assignment).values())
 
     def predict_parts(self, assignment: Mapping[str, Precision] | Precision) -> dict[str, float]:
@@ -467,8 +459,9 @@ class CostTables:
         if self.edge_cost is not None:
             inner = self.edge_cost
 
-            def edge_cost(a, b, shape):
+            def scaled_edge(a, b, shape):
                 return inner(a, b, shape) * k(b if b != base else a)
+            edge_cost = scaled_edge
         transition = _summarize_transitions(self.precisions, self.act_type, edge_cost,
                                             [e for e in self.edges if e.consumer in self.latency])
         fixed = overhead + sum(max(v.values()) for v in op_ms.values() if v)
