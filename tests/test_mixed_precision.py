@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fxq import ops
 from fxq.cli import main
@@ -204,3 +206,56 @@ def test_cli_mixed_precision_usage_errors(tmp_path, capsys, argv, phrase):
                  "-o", str(tmp_path / "out"), *argv])
     _, err = capsys.readouterr()
     assert code == 2 and phrase in err and "Traceback" not in err
+
+
+class _DepthwiseSandwich(nn.Module):
+    """int8 conv -> depthwise conv (kept float) -> int8 conv. The depthwise weights span four
+    orders of magnitude across channels (the last conv undoes it, so every channel matters to
+    the output): a per-tensor int8 grid on them zeroes most channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.b = nn.Conv2d(16, 8, 1)
+        with torch.no_grad():
+            self.dw.weight.mul_(torch.logspace(-2, 2, 16).view(16, 1, 1, 1))
+            self.dw.bias.mul_(torch.logspace(-2, 2, 16))
+            self.b.weight.mul_(torch.logspace(2, -2, 16).view(1, 16, 1, 1))
+
+    def forward(self, x):
+        return self.b(F.relu(self.dw(F.relu(self.a(x)))))
+
+
+def test_float_layer_between_int8_layers_runs_in_float_in_onnx_runtime():
+    """ONNX Runtime's optimizer (WeightBiasQuantization) would quantize a float-weight conv fed by
+    a per-tensor DQ and read by a Q; the lowering must keep it float: ONNX Runtime with every
+    optimization on agrees with the fake-quant model as closely as with none."""
+    import onnxruntime as ort
+
+    from fxq.backends import lowering
+    from fxq.calibrate import run_batched
+    from fxq.capture import capture
+    from fxq.pipeline import quantize_graph
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 12, 12)
+    gm = capture(_DepthwiseSandwich().eval(), (x[:1],))
+    layers = [n.name for n in gm.graph.nodes if ops.is_layer(n)]
+    opts = CompileOptions(layer_precision={layers[0]: 8, layers[1]: "float", layers[2]: 8})
+    q, _ = quantize_graph(gm, x, opts)
+    model = lowering(opts.backend).lower(q, opts).SerializeToString()
+    want = run_batched(q, x).numpy()
+
+    def max_err(level) -> float:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        got = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1].numpy()})[0]
+                              for i in range(len(x))])
+        return float(np.abs(got - want).max() / np.abs(want).max())
+
+    plain, optimized = max_err(ort.GraphOptimizationLevel.ORT_DISABLE_ALL), \
+        max_err(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    assert plain < 0.02
+    assert optimized < 0.02, f"ONNX Runtime's optimizer changed the float layer: {plain:.4f} -> {optimized:.4f}"
