@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from fxq.onnx_size import check_model
 from fxq.ops import get_attr
 from fxq.quantizers import ActQuantizer, WeightQuantizer
 
@@ -424,5 +425,5 @@ def lower_qdq(gm, opts=None, quantized: bool = True, notes: dict | None = None) 
         keep_float_layers_float(model)
     prune_dead_nodes(model)
     prune_initializers(model)
-    onnx.checker.check_model(model)
+    check_model(model)
     return model

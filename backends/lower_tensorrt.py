@@ -27,6 +27,7 @@ import onnx
 from fxq.backends.lower_qdq import (OPSET, fold_zero_pad_into_conv, make_qdq_handler, prune_dead_nodes,
                                     prune_initializers)
 from fxq.errors import LoweringError
+from fxq.onnx_size import check_model
 from fxq.quantizers import ActQuantizer, WeightQuantizer
 
 ENGINE_SCRIPT = "build_engine.sh"
@@ -61,7 +62,7 @@ def lower_tensorrt(gm, opts=None, notes: dict | None = None) -> onnx.ModelProto:
     fold_zero_pad_into_conv(model)
     prune_dead_nodes(model)
     prune_initializers(model)
-    onnx.checker.check_model(model)
+    check_model(model)
     return model
 
 

@@ -571,6 +571,8 @@ def lower_to_onnx(gm: fx.GraphModule, example_inputs: tuple | None = None, opset
     error. ``value_info`` records the static shape of every FX value; ``check`` runs
     ``onnx.checker.check_model(full_check=True)`` and reports failures as ``LoweringError``.
     """
+    from fxq.onnx_size import check_model
+
     from . import onnx_ops  # the op table registers itself on import
 
     if opset < MIN_OPSET:
@@ -682,7 +684,7 @@ def lower_to_onnx(gm: fx.GraphModule, example_inputs: tuple | None = None, opset
     model.ir_version = max(10, helper.find_min_ir_version_for([helper.make_opsetid("", opset)]))
     if check:
         try:
-            onnx.checker.check_model(model, full_check=True)
+            check_model(model, full_check=True)
         except Exception as exc:  # checker and shape-inference errors share no base class
             raise LoweringError(f"fxq produced an invalid ONNX model: {str(exc).strip()[:600]}",
                                 "This is a bug in an ONNX emitter; please report it with the model.") from exc
