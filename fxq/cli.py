@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--search", choices=opts.SEARCHES, default="ga",
                      help="mixed precision solver: genetic algorithm (default; checked against the exact "
                           "optimum in the report) or exact dynamic programming")
+    com.add_argument("--budget-check-rounds", metavar="N", type=int, default=2,
+                     help="mixed precision on ort-cpu: time the chosen assignment against the uniform "
+                          "models and tighten the search while it measures over budget, at most N "
+                          "timings (default 2; 0 trusts the cost tables)")
     com.add_argument("--batch", metavar="N", type=int, default=1,
                      help="batch size the latency budget refers to (default 1)")
     com.add_argument("--latency-table", metavar="FILE",
@@ -213,6 +217,9 @@ def build_options(args: argparse.Namespace) -> opts.CompileOptions:
                          "Leave it out to use a GPU when there is one.")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be between 0 and 2**32-1; got {args.seed}.", "Pick another seed.")
+    if args.budget_check_rounds < 0:
+        raise UsageError(f"--budget-check-rounds must be 0 or more; got {args.budget_check_rounds}.",
+                         "The default is 2; 0 skips timing the chosen assignment.")
     if args.batch < 1:
         raise UsageError(f"--batch must be at least 1; got {args.batch}.", "The default is 1.")
     if args.budget_ms is None and (bits is not None or args.pin or args.latency_table):
@@ -239,6 +246,7 @@ def build_options(args: argparse.Namespace) -> opts.CompileOptions:
         method=args.method, granularity=args.granularity, loss=args.loss, iters=args.iters,
         preset=args.preset, seed=args.seed, calib_size=args.calib_size, preprocess=args.preprocess,
         bits=bits, budget_ms=args.budget_ms, batch=args.batch, search=args.search, pins=pins,
+        budget_check_rounds=args.budget_check_rounds,
         latency_table=args.latency_table, print_diff=args.print_diff, print_summary=args.print_summary,
         weight_range=args.weight_range, bias_correction=args.bias_correction, smooth=args.smooth,
         print_after=tuple(args.print_after), debug=args.debug, json=args.json, resume=args.resume,
@@ -345,6 +353,10 @@ def _report_lines(report: dict) -> list[str]:
         counts = ", ".join(f"{n} at {p}" for p, n in mp["counts"].items())
         lines.append(f"mixed precision on {mp['target']} ({mp['cost_model']} latency, batch {mp['batch']}): "
                      f"budget {mp['budget_ms']:g} ms -> predicted {mp['predicted_ms']:.3g} ms; {counts}")
+        for c in mp.get("budget_checks") or []:
+            lines.append(f"  budget check {c['round']}: measured {c['measured_ms']:.3g} ms, "
+                         f"{c['corrected_ms']:.3g} ms on the cost model's clock (drift x{c['drift']:.3f}; "
+                         f"predicted {c['predicted_ms']:.3g} ms)")
         check = mp.get("end_to_end")
         if check:
             lines.append(f"  measured {check['measured_ms']:.3g} ms end to end "

@@ -1580,14 +1580,7 @@ def calibrate_end_to_end(tables: CostTables, models: Mapping[Precision, Any] | C
     onnx_models = {str(p): with_static_batch(models[p], tables.batch) for p in order}
     onnx_models = {k: m if isinstance(m, (bytes, bytearray, str, os.PathLike)) else m.SerializeToString()
                    for k, m in onnx_models.items()}
-    import onnxruntime as ort
-
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for inp in ort.InferenceSession(onnx_models[str(base_p)], providers=["CPUExecutionProvider"]).get_inputs():
-        shape = [d if isinstance(d, int) else tables.batch for d in inp.shape]
-        feeds[inp.name] = (rng.standard_normal(shape).astype(np.float32) if inp.type == "tensor(float)"
-                           else np.zeros(shape, dtype=np.int64))
+    feeds = _random_feeds(onnx_models[str(base_p)], tables.batch)
     timing = timing_report(onnx_models, feeds, threads=threads, warmup=warmup, runs=runs,
                            rounds=max(1, runs // 10), spinning=False)
     scale: dict[str, float] = {}
@@ -1621,6 +1614,48 @@ def calibrate_end_to_end(tables: CostTables, models: Mapping[Precision, Any] | C
         atomic_write_text(fits_path, json.dumps(dict(fits, **{key: record}), indent=0, sort_keys=True))
     record = dict(record, cached=False)
     return out, record
+
+
+def _random_feeds(model: bytes | str, batch: int) -> dict:
+    """Seeded inputs for timing: standard normal floats, zeros for integer inputs (token ids)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for inp in ort.InferenceSession(model, providers=["CPUExecutionProvider"]).get_inputs():
+        shape = [d if isinstance(d, int) else batch for d in inp.shape]
+        feeds[inp.name] = (rng.standard_normal(shape).astype(np.float32) if inp.type == "tensor(float)"
+                           else np.zeros(shape, dtype=np.int64))
+    return feeds
+
+
+def measure_against_uniform(tables: CostTables, candidate, uniform: Mapping[Precision, Any], *,
+                            threads: int = 2, runs: int = 60, warmup: int = 5) -> dict:
+    """Time ``candidate`` (a mixed-precision ONNX model) interleaved with the ``uniform`` models
+    (precision -> ONNX model with every layer at it) and express it on the tables' clock.
+
+    The fitted tables predict the uniform models' latencies as they were measured when the fit
+    was taken; the machine may run faster or slower now (a shared 2-core machine drifts by a
+    tenth within minutes). ``drift`` = the uniform models' predicted / measured total in this
+    run, and ``corrected_ms`` = the candidate's measured median times ``drift``: what the
+    candidate would have measured beside the fit, comparable with the budget and the
+    prediction. Returns ``measured_ms``, ``corrected_ms``, ``drift`` and the references."""
+    from fxq.ort_timing import timing_report, with_static_batch
+
+    def as_bytes(m):
+        m = with_static_batch(m, tables.batch)
+        return m if isinstance(m, (bytes, bytearray, str, os.PathLike)) else m.SerializeToString()
+
+    models = {"candidate": as_bytes(candidate)}
+    models.update({f"uniform {p}": as_bytes(m) for p, m in uniform.items()})
+    timing = timing_report(models, _random_feeds(models["candidate"], tables.batch), threads=threads,
+                           warmup=warmup, runs=runs, rounds=max(1, runs // 10), spinning=False)
+    refs = {str(p): {"predicted_ms": tables.predict_ms(p), "measured_ms": timing[f"uniform {p}"]["median_ms"]}
+            for p in uniform}
+    drift = sum(r["predicted_ms"] for r in refs.values()) / sum(r["measured_ms"] for r in refs.values())
+    measured = timing["candidate"]["median_ms"]
+    return {"measured_ms": measured, "corrected_ms": measured * drift, "drift": drift, "references": refs,
+            "runs": runs, "threads": threads}
 
 
 def _apply_fit(tables: CostTables, record: dict) -> CostTables:

@@ -131,13 +131,24 @@ def plan_mixed_precision(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileO
         calibrate_activations(q, calib[:8])
         return lowering(opts.backend).lower(q, uniform)
 
+    def assignment_onnx(layers):
+        """The model at a candidate assignment, for timing it (a few samples calibrate it)."""
+        from fxq.backends import lowering
+
+        mixed = dataclasses.replace(opts, layer_precision=dict(layers), budget_ms=None)
+        q = PassManager(quantization_passes(mixed, table, reduced)).run(copy.deepcopy(base))
+        calibrate_activations(q, calib[:8])
+        return lowering(opts.backend).lower(q, mixed)
+
     settings = repr((opts.backend, opts.act_bits, reduced, opts.granularity, opts.method == "adaround"))
     return mixed_precision.plan(
         base, calib, target=opts.target, budget_ms=opts.budget_ms, quantized=quantized, bits=opts.bits,
         batch=opts.batch, search=opts.search, seed=opts.seed, pins=opts.pins,
         first_last_bits=opts.first_last_bits, settings=settings, latency_table=opts.latency_table,
         sensitivity_samples=opts.sensitivity_samples, progress=progress,
-        uniform_onnx=uniform_onnx if opts.backend == "onnx-qdq" else None)
+        uniform_onnx=uniform_onnx if opts.backend == "onnx-qdq" else None,
+        assignment_onnx=assignment_onnx if opts.backend == "onnx-qdq" else None,
+        check_rounds=opts.budget_check_rounds)
 
 
 def quantize_graph(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions, console=None,

@@ -171,6 +171,12 @@ def test_compile_unknown_target(capsys, env, tmp_path, no_load):
     assert_user_error(code, out, err, "Unknown --target 'ort-cpuu'")
 
 
+def test_compile_negative_budget_check_rounds(capsys, env, tmp_path, no_load):
+    code, out, err = run(capsys, "compile", env / "model.pt2", "--calib", env / "calib.pt",
+                         "-o", tmp_path / "out", "--budget-ms", "5", "--budget-check-rounds", "-1")
+    assert_user_error(code, out, err, "--budget-check-rounds must be 0 or more")
+
+
 def test_compile_missing_inputs(capsys, env, tmp_path, no_load):
     code, out, err = run(capsys, "compile", env / "model.pt2", "--calib", tmp_path / "nope",
                          "-o", tmp_path / "out")

@@ -259,3 +259,39 @@ def test_float_layer_between_int8_layers_runs_in_float_in_onnx_runtime():
         max_err(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     assert plain < 0.02
     assert optimized < 0.02, f"ONNX Runtime's optimizer changed the float layer: {plain:.4f} -> {optimized:.4f}"
+
+
+def test_budget_check_tightens_until_the_measured_latency_fits():
+    """check_measured: an assignment predicted at the budget but measuring 10 % over it is
+    replaced by the next front point whose prediction x 1.1 fits; one that fits stays."""
+    from types import SimpleNamespace
+
+    from fxq.mixed_precision import check_measured
+
+    front = [SimpleNamespace(latency_ms=ms, layers={"ms": ms}) for ms in (10.0, 9.5, 9.0, 8.0)]
+    tables = SimpleNamespace(predict_ms=lambda layers: layers["ms"])
+    front_ms = [p.latency_ms for p in front]
+
+    def resolve(budget):
+        return max((p for p in front if p.latency_ms <= budget), key=lambda p: p.latency_ms)
+
+    timed = []
+
+    def measure(layers, factor=1.1):
+        timed.append(layers["ms"])
+        return {"measured_ms": layers["ms"] * factor * 2, "corrected_ms": layers["ms"] * factor, "drift": 0.5}
+
+    sol, budget, checks, notes = check_measured(tables, front, front_ms, 10.0, front[0], 10.0, resolve, measure, 3)
+    assert timed == [10.0, 9.0] and sol is front[2] and budget == 9.0
+    assert [c["round"] for c in checks] == [1, 2] and checks[0]["bias"] == pytest.approx(1.1)
+    assert "after 1 tightening" in notes[0]
+
+    timed.clear()
+    sol, _, checks, notes = check_measured(tables, front, front_ms, 10.0, front[0], 10.0, resolve,
+                                           lambda layers: measure(layers, 0.9), 3)
+    assert timed == [10.0] and sol is front[0] and len(checks) == 1
+
+    timed.clear()  # never fits: stops after the rounds, keeps the fastest tried, says so
+    sol, _, checks, notes = check_measured(tables, front, front_ms, 10.0, front[0], 10.0, resolve,
+                                           lambda layers: measure(layers, 2.0), 2)
+    assert len(checks) == 1 and sol is front[0] and "still measured" in notes[0]
