@@ -135,7 +135,7 @@ def part_lite0(args, log) -> dict:
                      "p10_ms": timing[name]["p10_ms"], "p90_ms": timing[name]["p90_ms"],
                      "sensitivity": v.get("sensitivity"), "counts": v.get("counts"),
                      "end_to_end_ms": v.get("end_to_end_ms"), "compile_s": v.get("compile_s"),
-                     "exact_gap_pct": v.get("exact_gap_pct"), **q})
+                     "exact_gap_pct": v.get("exact_gap_pct"), "budget_checks": v.get("budget_checks"), **q})
     # The machine's speed on this timing run against the fit's (the uniform models' predicted /
     # measured): a row's measured latency times it is on the cost model's clock.
     uniform_rows = [r for r in rows if r["budget_ms"] is None]
