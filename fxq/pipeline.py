@@ -116,29 +116,28 @@ def plan_mixed_precision(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileO
         calibrate_activations(q, calib)
         return q
 
-    def uniform_onnx(precision):
-        """The whole model with every layer at ``precision``, for fitting measured costs (its
-        scales need not be good: only its latency is used, so a few samples calibrate it)."""
+    def timing_onnx(options: CompileOptions):
+        """The model lowered under ``options``, for timing only: its scales need not be good, so
+        a few samples calibrate it."""
         from fxq.backends import lowering
+
+        q = PassManager(quantization_passes(options, table, reduced)).run(copy.deepcopy(base))
+        calibrate_activations(q, calib[:8])
+        return lowering(opts.backend).lower(q, options)
+
+    def uniform_onnx(precision):
+        """The whole model with every layer at ``precision``, for fitting measured costs."""
         from fxq.backends.lower_qdq import lower_qdq
         from fxq.cost_models import is_float
 
         if is_float(precision):
             return lower_qdq(copy.deepcopy(base), opts, quantized=False)
-        uniform = dataclasses.replace(opts, weight_bits=int(precision), first_last_bits=0, budget_ms=None,
-                                      layer_precision=None)
-        q = PassManager(quantization_passes(uniform, table, reduced)).run(copy.deepcopy(base))
-        calibrate_activations(q, calib[:8])
-        return lowering(opts.backend).lower(q, uniform)
+        return timing_onnx(dataclasses.replace(opts, weight_bits=int(precision), first_last_bits=0,
+                                               budget_ms=None, layer_precision=None))
 
     def assignment_onnx(layers):
-        """The model at a candidate assignment, for timing it (a few samples calibrate it)."""
-        from fxq.backends import lowering
-
-        mixed = dataclasses.replace(opts, layer_precision=dict(layers), budget_ms=None)
-        q = PassManager(quantization_passes(mixed, table, reduced)).run(copy.deepcopy(base))
-        calibrate_activations(q, calib[:8])
-        return lowering(opts.backend).lower(q, mixed)
+        """The model at a candidate assignment, for the budget check."""
+        return timing_onnx(dataclasses.replace(opts, layer_precision=dict(layers), budget_ms=None))
 
     settings = repr((opts.backend, opts.act_bits, reduced, opts.granularity, opts.method == "adaround"))
     return mixed_precision.plan(
