@@ -1556,7 +1556,7 @@ def calibrate_end_to_end(tables: CostTables, models: Mapping[Precision, Any] | C
     parts overestimated Lite0 by 21 % in float and 55 % in int8 on a quiet machine. One scale
     per type keeps the tables additive and keeps their relative costs, which is what the
     search ranks. Returns the rescaled tables and a record for the report."""
-    from fxq.ort_timing import timing_report, with_static_batch
+    from fxq.ort_timing import timing_report
 
     if tables.act_type is None:
         raise FxqError(f"The {tables.target} cost tables have no activation types to calibrate.", "")
@@ -1577,9 +1577,7 @@ def calibrate_end_to_end(tables: CostTables, models: Mapping[Precision, Any] | C
     order = [base_p] + [p for p in models if p != base_p]
     if base_p not in models:
         raise FxqError("calibrate_end_to_end needs the float model.", "")
-    onnx_models = {str(p): with_static_batch(models[p], tables.batch) for p in order}
-    onnx_models = {k: m if isinstance(m, (bytes, bytearray, str, os.PathLike)) else m.SerializeToString()
-                   for k, m in onnx_models.items()}
+    onnx_models = {str(p): _timing_model(models[p], tables.batch) for p in order}
     feeds = _random_feeds(onnx_models[str(base_p)], tables.batch)
     timing = timing_report(onnx_models, feeds, threads=threads, warmup=warmup, runs=runs,
                            rounds=max(1, runs // 10), spinning=False)
@@ -1616,6 +1614,14 @@ def calibrate_end_to_end(tables: CostTables, models: Mapping[Precision, Any] | C
     return out, record
 
 
+def _timing_model(model, batch: int) -> bytes | str:
+    """``model`` (ModelProto, bytes or path) at a static ``batch``, as bytes or a path for ONNX Runtime."""
+    from fxq.ort_timing import with_static_batch
+
+    model = with_static_batch(model, batch)
+    return model if isinstance(model, (bytes, bytearray, str, os.PathLike)) else model.SerializeToString()
+
+
 def _random_feeds(model: bytes | str, batch: int) -> dict:
     """Seeded inputs for timing: standard normal floats, zeros for integer inputs (token ids)."""
     import onnxruntime as ort
@@ -1640,14 +1646,10 @@ def measure_against_uniform(tables: CostTables, candidate, uniform: Mapping[Prec
     run, and ``corrected_ms`` = the candidate's measured median times ``drift``: what the
     candidate would have measured beside the fit, comparable with the budget and the
     prediction. Returns ``measured_ms``, ``corrected_ms``, ``drift`` and the references."""
-    from fxq.ort_timing import timing_report, with_static_batch
+    from fxq.ort_timing import timing_report
 
-    def as_bytes(m):
-        m = with_static_batch(m, tables.batch)
-        return m if isinstance(m, (bytes, bytearray, str, os.PathLike)) else m.SerializeToString()
-
-    models = {"candidate": as_bytes(candidate)}
-    models.update({f"uniform {p}": as_bytes(m) for p, m in uniform.items()})
+    models = {"candidate": _timing_model(candidate, tables.batch)}
+    models.update({f"uniform {p}": _timing_model(m, tables.batch) for p, m in uniform.items()})
     timing = timing_report(models, _random_feeds(models["candidate"], tables.batch), threads=threads,
                            warmup=warmup, runs=runs, rounds=max(1, runs // 10), spinning=False)
     refs = {str(p): {"predicted_ms": tables.predict_ms(p), "measured_ms": timing[f"uniform {p}"]["median_ms"]}

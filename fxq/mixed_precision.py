@@ -17,6 +17,7 @@ latency; a budget at or above the float model's latency (targets that run float)
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -235,7 +236,7 @@ def plan(base, calib, *, target: str, budget_ms: float, quantized: Callable[[int
         if progress is not None:
             task = progress.add_task("fitting the cost model to whole-model latencies", total=None)
         precisions_ = tables.precisions
-        uniform_onnx = _memoized(uniform_onnx)  # the budget check times the same models again
+        uniform_onnx = functools.cache(uniform_onnx)  # the budget check times the same models again
         tables, calibration = calibrate_end_to_end(tables, lambda: {p: uniform_onnx(p) for p in precisions_})
         if progress is not None:
             progress.remove_task(task)
@@ -376,16 +377,6 @@ def check_measured(tables, front, front_ms, budget_ms: float, solution, search_b
         f"model's clock against the {budget_ms:g} ms budget after {len(checks)} timing(s)"
         + (" (no faster assignment on the front)" if len(checks) < rounds else "")]
 
-
-def _memoized(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    cache: dict = {}
-
-    def wrapped(key):
-        if key not in cache:
-            cache[key] = fn(key)
-        return cache[key]
-
-    return wrapped
 
 
 def _cost_progress(progress):
