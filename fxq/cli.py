@@ -114,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--search", choices=opts.SEARCHES, default="ga",
                      help="mixed precision solver: genetic algorithm (default; checked against the exact "
                           "optimum in the report) or exact dynamic programming")
-    com.add_argument("--budget-check-rounds", metavar="N", type=int, default=2,
+    com.add_argument("--budget-check-rounds", metavar="N", type=int, default=3,
                      help="mixed precision on ort-cpu: time the chosen assignment against the uniform "
                           "models and tighten the search while it measures over budget, at most N "
-                          "timings (default 2; 0 trusts the cost tables)")
+                          "timings (default 3; 0 trusts the cost tables)")
     com.add_argument("--batch", metavar="N", type=int, default=1,
                      help="batch size the latency budget refers to (default 1)")
     com.add_argument("--latency-table", metavar="FILE",

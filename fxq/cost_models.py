@@ -1636,7 +1636,7 @@ def _random_feeds(model: bytes | str, batch: int) -> dict:
 
 
 def measure_against_uniform(tables: CostTables, candidate, uniform: Mapping[Precision, Any], *,
-                            threads: int = 2, runs: int = 60, warmup: int = 5) -> dict:
+                            threads: int = 2, runs: int = 120, warmup: int = 5) -> dict:
     """Time ``candidate`` (a mixed-precision ONNX model) interleaved with the ``uniform`` models
     (precision -> ONNX model with every layer at it) and express it on the tables' clock.
 

@@ -351,8 +351,9 @@ def check_measured(tables, front, front_ms, budget_ms: float, solution, search_b
     solves again. Why: the tables price each layer and each precision change alone, and a mixed
     model pays somewhat more than that sum (measured on Lite0, ResNet-18 and MobileNetV2: the
     mixed models ran 2-12 % slower than predicted relative to the uniform ones), so an
-    assignment predicted right at the budget lands over it. Returns the solution, its search
-    budget, one record per timing and notes; after ``rounds`` timings over budget the last (the
+    assignment predicted right at the budget lands over it. When no faster front point fits at
+    that bias, the fastest one is tried. Returns the solution, its search budget, one record per
+    timing and notes; after ``rounds`` timings over budget the last (the
     fastest tried) is kept, with a note."""
     checks: list[dict] = []
     for round_ in range(1, rounds + 1):
@@ -366,10 +367,14 @@ def check_measured(tables, front, front_ms, budget_ms: float, solution, search_b
                     f"model's clock (predicted {predicted:.4g} ms)"
                     + (f", after {round_ - 1} tightening(s)" if round_ > 1 else ""))
             return solution, search_budget, checks, [note]
-        fits = [p.latency_ms for p, q in zip(front, front_ms) if q * bias <= budget_ms and p.latency_ms < search_budget]
-        if not fits or round_ == rounds:
+        faster = [(p.latency_ms, q) for p, q in zip(front, front_ms) if p.latency_ms < search_budget]
+        if not faster or round_ == rounds:
             break
-        search_budget = max(fits)
+        fits = [lat for lat, q in faster if q * bias <= budget_ms]
+        # Nothing fits at this bias: the fastest point has the fewest precision changes (all
+        # int8 has none), which is where a mixed model's extra cost comes from, so its bias is
+        # usually smaller; try it rather than give up.
+        search_budget = max(fits) if fits else min(lat for lat, _ in faster)
         solution = resolve(search_budget)
     last = checks[-1]
     return solution, search_budget, checks, [

@@ -47,7 +47,7 @@ class CompileOptions:
     pins: tuple = ()                     # ((layer glob, precision), ...) from --pin NAME=BITS
     latency_table: str | None = None     # trtexec --exportProfile JSON for the cost model
     sensitivity_samples: int = 64        # calibration samples the sensitivity measurement uses
-    budget_check_rounds: int = 2         # ort-cpu: timings of the chosen assignment (0: trust the tables)
+    budget_check_rounds: int = 3         # ort-cpu: timings of the chosen assignment (0: trust the tables)
     layer_precision: dict | None = None  # FX node name -> bits or "float" (set by the search)
     print_diff: bool = False
     print_summary: bool = False

@@ -291,7 +291,13 @@ def test_budget_check_tightens_until_the_measured_latency_fits():
                                            lambda layers: measure(layers, 0.9), 3)
     assert timed == [10.0] and sol is front[0] and len(checks) == 1
 
-    timed.clear()  # never fits: stops after the rounds, keeps the fastest tried, says so
+    timed.clear()  # nothing fits at the first bias: the fastest point is tried next
+    sol, budget, checks, notes = check_measured(tables, front, front_ms, 10.0, front[0], 10.0, resolve,
+                                                lambda layers: measure(layers, 1.0 if layers["ms"] == 8.0 else 1.3), 3)
+    assert timed == [10.0, 8.0] and sol is front[3] and budget == 8.0 and "after 1 tightening" in notes[0]
+
+    timed.clear()  # never fits: stops when nothing is faster, keeps the fastest tried, says so
     sol, _, checks, notes = check_measured(tables, front, front_ms, 10.0, front[0], 10.0, resolve,
-                                           lambda layers: measure(layers, 2.0), 2)
-    assert len(checks) == 1 and sol is front[0] and "still measured" in notes[0]
+                                           lambda layers: measure(layers, 2.0), 3)
+    assert timed == [10.0, 8.0] and sol is front[3] and "still measured" in notes[0]
+    assert "no faster assignment" in notes[0]
