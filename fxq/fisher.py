@@ -46,8 +46,10 @@ class FisherWeights:
     def __init__(self, stores: dict[str, ValueStore], means: dict[str, float]):
         self.stores, self.means = stores, means
 
-    def region(self, name: str) -> "_Normalized":
-        return _Normalized(self.stores[name], self.means[name])
+    def region(self, name: str, relevant_fraction: float = 1.0) -> "_Normalized":
+        """``relevant_fraction``: the share of elements that reach the output at all
+        (``fxq.relevance``); the others have zero gradient, so the mean is taken over these."""
+        return _Normalized(self.stores[name], self.means[name] / relevant_fraction)
 
 
 class _Normalized:

@@ -440,7 +440,8 @@ def _regions_with_losses(regions, recon: list[dict]) -> list[dict]:
     for region in regions:
         r = by_name.get(region.name, {})
         out.append(dict(region.to_json(), loss_before=r.get("loss_before"), loss_after=r.get("loss_after"),
-                        seconds=r.get("seconds"), train_seconds=r.get("train_seconds")))
+                        relevant_fraction=r.get("relevant_fraction"), seconds=r.get("seconds"),
+                        train_seconds=r.get("train_seconds")))
     return out
 
 

@@ -46,6 +46,7 @@ class ReconConfig:
     drop_prob: float = 0.0      # QDrop: chance an activation element stays float while training
     tuning: str = "joint"
     learn_act: bool = True
+    relevance: bool = True      # fit only the output elements that reach the model's output (fxq.relevance)
 
 
 PRESETS = {
@@ -297,7 +298,7 @@ def reconstruct(gm: fx.GraphModule, calib: torch.Tensor, cfg: ReconConfig, seed:
     regions = [r for r in gm.meta.get("fxq.regions", []) if r.layers]
     try:
         with on_device(gm, device), _frozen_parameters(gm):
-            targets, f_inputs, fisher = _float_side(gm, data, regions, cfg, budget, progress)
+            targets, f_inputs, weights = _float_side(gm, data, regions, cfg, budget, progress, seed)
             done = checkpoint.restore(gm, regions) if checkpoint is not None else []
             frontier = Frontier(gm, data, budget)
             results.extend(done)
@@ -306,7 +307,7 @@ def reconstruct(gm: fx.GraphModule, calib: torch.Tensor, cfg: ReconConfig, seed:
             for k, region in enumerate(regions):
                 if k < len(done):
                     continue
-                results.append(_reconstruct_region(gm, region, k, frontier, targets, f_inputs, fisher,
+                results.append(_reconstruct_region(gm, region, k, frontier, targets, f_inputs, weights,
                                                    cfg, seed, progress))
                 if checkpoint is not None:
                     checkpoint.save(gm, regions, results)
@@ -319,9 +320,44 @@ def reconstruct(gm: fx.GraphModule, calib: torch.Tensor, cfg: ReconConfig, seed:
     return results
 
 
-def _float_side(gm, data, regions, cfg, budget, progress):
+class _MaskedWeights:
+    """Loss weights on the elements that reach the output (``fxq.relevance``), divided by their
+    share so the mean weight over all elements stays 1: the loss keeps the scale the rounding
+    regularizer's weight was tuned for."""
+
+    def __init__(self, masks, fraction: float, inner=None):
+        self.masks, self.fraction, self.inner = masks, fraction, inner
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        w = self.masks[i].to(torch.float32) / self.fraction
+        return w if self.inner is None else w * self.inner[i]
+
+
+class _RegionWeights:
+    """The loss weights of each region's output: Fisher (``--loss fisher``) and/or relevance
+    masks, or None for plain squared error."""
+
+    def __init__(self, fisher=None, masks=None):
+        self.fisher, self.masks = fisher, masks
+
+    def fraction(self, name: str) -> float:
+        return self.masks.fractions[name] if self.masks is not None and name in self.masks else 1.0
+
+    def region(self, name: str):
+        fraction = self.fraction(name)
+        inner = self.fisher.region(name, fraction) if self.fisher is not None else None
+        if fraction < 1.0:
+            return _MaskedWeights(self.masks.region(name), fraction, inner)
+        return inner
+
+
+def _float_side(gm, data, regions, cfg, budget, progress, seed=0):
     """Everything the float model contributes, in one streaming pass: every region's target,
-    the float inputs QDrop mixes in, and (for ``--loss fisher``) the Fisher weights."""
+    the float inputs QDrop mixes in; then (for ``--loss fisher``) the Fisher weights and the
+    relevance masks."""
     outputs = sorted({r.output for r in regions})
     inputs = sorted({n for r in regions for n in r.inputs}) if cfg.drop_prob > 0 else []
     # the Fisher pass compares against the float predictions: record them in the same pass
@@ -337,16 +373,24 @@ def _float_side(gm, data, regions, cfg, budget, progress):
         fisher = fisher_weights(gm, data, outputs, budget, reference=stores[logits[0]])
         if progress:
             progress.remove_task(task)
-    return ({n: stores[n] for n in outputs}, {n: stores[n] for n in inputs}, fisher)
+    masks = None
+    if cfg.relevance and outputs:
+        from fxq.relevance import relevance_masks
+
+        task = progress.add_task("finding the outputs that matter", total=None) if progress else None
+        masks = relevance_masks(gm, data, outputs, budget, seed)
+        if progress:
+            progress.remove_task(task)
+    return ({n: stores[n] for n in outputs}, {n: stores[n] for n in inputs}, _RegionWeights(fisher, masks))
 
 
-def _reconstruct_region(gm, region, k, frontier, targets, f_inputs, fisher, cfg, seed, progress) -> dict:
+def _reconstruct_region(gm, region, k, frontier, targets, f_inputs, weights, cfg, seed, progress) -> dict:
     start = time.perf_counter()
     quantizers = adaround_quantizers(gm, region.layers)
     sub, names = extract_region(gm, region.output, list(region.inputs))
     acts = _act_quantizers(sub)
     q_inputs = frontier.get(names)
-    weight = fisher.region(region.output) if fisher is not None else None
+    weight = weights.region(region.output)
     rd = _RegionData(q_inputs, {n: f_inputs[n] for n in names if n in f_inputs}, targets[region.output],
                      weight, names)
     probe = list(range(min(rd.n, 16)))
@@ -364,4 +408,5 @@ def _reconstruct_region(gm, region, k, frontier, targets, f_inputs, fisher, cfg,
     frontier.forget({n.target for n in sub.graph.nodes if n.op == "call_module"})
     return {"region": region.name, "kind": region.kind, "layers": len(quantizers),
             "activation_quantizers": len(acts), "loss_before": before, "loss_after": after,
+            "relevant_fraction": round(weights.fraction(region.output), 4),
             "seconds": round(time.perf_counter() - start, 3), "train_seconds": round(trained, 3)}

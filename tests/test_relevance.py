@@ -1,0 +1,101 @@
+"""Relevance masks (fxq.relevance): the reconstruction loss skips output elements that cannot
+reach the model's output — padding positions — and only those."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx, nn
+
+from fxq.options import CompileOptions
+from fxq.pipeline import quantize_graph
+from fxq.capture import capture
+from fxq.region_graph import MemoryBudget
+from fxq.relevance import relevance_masks
+
+
+class _PaddedPool(nn.Module):
+    """Rows whose first input feature is 0 are padding: masked out of a mean, as a sentence
+    encoder does with padding tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 6)
+
+    def forward(self, x):
+        keep = (x[..., :1] != 0).to(x.dtype)
+        h = self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+        return (h * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+
+class _MaxPooled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return nn.functional.max_pool2d(self.conv(x), 2).flatten(1)
+
+
+def _padded(n: int, length: int = 5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, length, 6, generator=g)
+    for i in range(n):
+        x[i, 1 + i % (length - 1):] = 0.0  # 1..4 real rows, the rest padding
+    return x
+
+
+def _traced(model, example):
+    gm = fx.symbolic_trace(model.eval())
+    gm.meta["fxq.example_inputs"] = (example,)
+    return gm
+
+
+def test_padding_rows_are_masked_exactly():
+    x = _padded(8)
+    gm = _traced(_PaddedPool(), x[:4])
+    masks = relevance_masks(gm, x, ["fc2"], MemoryBudget(1 << 26))
+    want = (x[..., :1] != 0).expand(-1, -1, 6)
+    got = torch.cat([masks.region("fc2")[i] for i in range(2)])
+    assert torch.equal(got, want)
+    assert masks.fractions["fc2"] == float(want.float().mean())
+
+
+def test_max_pool_losers_are_not_masked():
+    """Their gradient is zero too, but it depends on the values: quantization can make a loser
+    the maximum, so reconstruction must keep fitting them."""
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    gm = _traced(_MaxPooled(), x[:4])
+    masks = relevance_masks(gm, x, ["conv"], MemoryBudget(1 << 26))
+    assert "conv" not in masks and masks.fractions == {}
+
+
+def test_reconstruction_reports_the_relevant_share_of_each_region():
+    x = _padded(32, length=8)
+    gm = capture(_PaddedPool().eval(), (x[:4],))
+    gm, _ = quantize_graph(gm, x, CompileOptions(weight_bits=4, method="brecq", iters=4, first_last_bits=0))
+    fractions = [r["relevant_fraction"] for r in gm.meta["fxq.reconstruction"]]
+    share = float((x[..., 0] != 0).float().mean())
+    assert fractions and all(abs(f - share) < 1e-3 for f in fractions), (fractions, share)
+
+
+def test_loss_weights_vanish_on_masked_elements_and_average_one():
+    """Plain and Fisher-weighted losses alike: zero weight where the mask is off, and a mean
+    weight of 1 over all elements, so the loss keeps the scale the regularizer is tuned for."""
+    from fxq.fisher import FisherWeights
+    from fxq.reconstruct import _RegionWeights
+    from fxq.region_graph import ValueStore
+    from fxq.relevance import RelevanceMasks
+
+    budget = MemoryBudget(1 << 26)
+    mask = torch.tensor([[True, True, False, False]] * 3)
+    g2 = torch.rand(3, 4) * mask
+    mstore, gstore = ValueStore("m", budget), ValueStore("g", budget)
+    mstore.append(mask)
+    gstore.append(g2)
+    masks = RelevanceMasks({"z": mstore}, {"z": 0.5})
+    fisher = FisherWeights({"z": gstore}, {"z": float(g2.mean())})
+    for weights in (_RegionWeights(None, masks), _RegionWeights(fisher, masks)):
+        w = weights.region("z")[0]
+        assert torch.all(w[~mask] == 0) and torch.all(w[mask] > 0)
+        assert float(w.mean()) == pytest.approx(1.0, rel=1e-5)
+    assert _RegionWeights(None, masks).region("other") is None
