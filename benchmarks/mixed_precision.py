@@ -117,7 +117,8 @@ def part_lite0(args, log) -> dict:
                 "predicted_ms": mp["predicted_ms"], "search_latency_ms": mp["search_latency_ms"],
                 "sensitivity": mp["sensitivity"], "counts": mp["counts"],
                 "end_to_end_ms": (mp.get("end_to_end") or {}).get("measured_ms"),
-                "budget_checks": [{k: c[k] for k in ("round", "predicted_ms", "measured_ms", "corrected_ms", "drift")}
+                "budget_checks": [{k: c[k] for k in ("round", "predicted_ms", "measured_ms", "corrected_ms", "drift",
+                                                     "kept") if k in c}
                                   for c in mp.get("budget_checks") or []],
                 "exact_gap_pct": (mp.get("exact_check") or {}).get("gap_pct")}
             log(f"lite0 mixed @ {b} ms: {mp['counts']}, predicted {mp['predicted_ms']:.2f} ms, "
@@ -337,7 +338,8 @@ def markdown(res: dict, command: str) -> str:
                      f"(x{l0['drift']:.3f} = the uniform models' predicted / measured total), i.e. the latency "
                      f"at the machine speed of the cost model's fit, which is what a budget can be held to "
                      f"on a machine whose speed drifts. *Budget check*: the compile's own timings of the "
-                     f"chosen assignment on the fit's clock, one per round (`--budget-check-rounds`)."
+                     f"chosen assignment on the fit's clock, one per round (`--budget-check-rounds`); "
+                     f"*(kept)*: every round was over budget and this candidate measured fastest."
                      if "drift" in l0 else ""), "",
                   "| variant | budget | predicted | measured (p10–p90) | fit's clock | ≤ budget +5 % (measured / fit's clock) | "
                   "budget check | top-1 agreement | mean KL | predicted KL | layers | best uniform in budget | ≥ it |",
@@ -346,7 +348,8 @@ def markdown(res: dict, command: str) -> str:
         def yes(flag):
             return "—" if flag is None else ("yes" if flag else "NO")
         for r in l0["rows"]:
-            checks = " → ".join(f"{c['corrected_ms']:.2f}" for c in r.get("budget_checks") or []) or "—"
+            checks = " → ".join(f"{c['corrected_ms']:.2f}" + (" (kept)" if c.get("kept") else "")
+                                for c in r.get("budget_checks") or []) or "—"
             lines.append(
                 f"| {r['variant']} | {_fmt(r['budget_ms'], 'g')} | {_fmt(r['predicted_ms'], '.2f')} | "
                 f"{r['measured_ms']:.2f} ({r['p10_ms']:.2f}–{r['p90_ms']:.2f}) | {_fmt(r.get('fit_clock_ms'), '.2f')} | "

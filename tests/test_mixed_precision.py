@@ -296,8 +296,14 @@ def test_budget_check_tightens_until_the_measured_latency_fits():
                                                 lambda layers: measure(layers, 1.0 if layers["ms"] == 8.0 else 1.3), 3)
     assert timed == [10.0, 8.0] and sol is front[3] and budget == 8.0 and "after 1 tightening" in notes[0]
 
-    timed.clear()  # never fits: stops when nothing is faster, keeps the fastest tried, says so
+    timed.clear()  # never fits: stops when nothing is faster, keeps the fastest measured, says so
     sol, _, checks, notes = check_measured(tables, front, front_ms, 10.0, front[0], 10.0, resolve,
                                            lambda layers: measure(layers, 2.0), 3)
-    assert timed == [10.0, 8.0] and sol is front[3] and "still measured" in notes[0]
+    assert timed == [10.0, 8.0] and sol is front[3] and checks[1].get("kept") and "every candidate" in notes[0]
     assert "no faster assignment" in notes[0]
+
+    timed.clear()  # a later, predicted-faster candidate that measures slower (noise) is not kept
+    sol, budget, checks, notes = check_measured(tables, front, front_ms, 10.0, front[0], 10.0, resolve,
+                                                lambda layers: measure(layers, 1.05 if layers["ms"] == 10.0 else 1.3), 2)
+    assert timed == [10.0, 9.5] and sol is front[0] and budget == 10.0 and checks[0].get("kept")
+    assert "round 1" in notes[0]
