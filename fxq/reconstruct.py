@@ -356,8 +356,8 @@ class _RegionWeights:
 
 def _float_side(gm, data, regions, cfg, budget, progress, seed=0):
     """Everything the float model contributes, in one streaming pass: every region's target,
-    the float inputs QDrop mixes in; then (for ``--loss fisher``) the Fisher weights and the
-    relevance masks."""
+    the float inputs QDrop mixes in; then the loss weights: Fisher (``--loss fisher``) and the
+    relevance masks (either loss)."""
     outputs = sorted({r.output for r in regions})
     inputs = sorted({n for r in regions for n in r.inputs}) if cfg.drop_prob > 0 else []
     # the Fisher pass compares against the float predictions: record them in the same pass
