@@ -356,14 +356,14 @@ def check_measured(tables, front, front_ms, budget_ms: float, solution, search_b
     timing and notes; when every timing is over budget, the candidate that measured fastest is
     kept (``kept`` in its record), with a note."""
     checks: list[dict] = []
-    tried = []
+    tried = []  # the solution each check timed
     for round_ in range(1, rounds + 1):
         predicted = tables.predict_ms(solution.layers)
         m = measure(solution.layers)
         bias = m["corrected_ms"] / predicted if predicted > 0 else 1.0
         checks.append({"round": round_, "search_budget_ms": search_budget, "predicted_ms": predicted,
                        "bias": bias, **m})
-        tried.append((m["corrected_ms"], solution, search_budget))
+        tried.append(solution)
         if m["corrected_ms"] <= budget_ms:
             note = (f"budget check: the chosen assignment measured {m['corrected_ms']:.4g} ms on the cost "
                     f"model's clock (predicted {predicted:.4g} ms)"
@@ -380,14 +380,13 @@ def check_measured(tables, front, front_ms, budget_ms: float, solution, search_b
         solution = resolve(search_budget)
     # Every candidate measured over: keep the one that measured fastest. The later ones are
     # predicted faster, but on a noisy machine a later timing can read slower than an earlier one.
-    best = min(range(len(tried)), key=lambda i: tried[i][0])
+    best = min(range(len(checks)), key=lambda i: checks[i]["corrected_ms"])
     checks[best]["kept"] = True
-    _, solution, search_budget = tried[best]
-    return solution, search_budget, checks, [
+    return tried[best], checks[best]["search_budget_ms"], checks, [
         f"budget check: every candidate measured over the {budget_ms:g} ms budget on the cost model's "
         f"clock ({len(checks)} timing(s)"
         + (", no faster assignment on the front" if len(checks) < rounds else "")
-        + f"); kept the fastest measured, {tried[best][0]:.4g} ms (round {best + 1})"]
+        + f"); kept the fastest measured, {checks[best]['corrected_ms']:.4g} ms (round {best + 1})"]
 
 
 

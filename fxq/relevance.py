@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_leaves
 from fxq.calibrate import batches, graph_batch_size
 from fxq.fisher import values_carry_gradients
 from fxq.reconstruct import quantizers_off
-from fxq.region_graph import MemoryBudget, ValueStore
+from fxq.region_graph import MemoryBudget, ValueStore, _Recorder
 
 
 class RelevanceMasks:
@@ -45,24 +45,22 @@ class RelevanceMasks:
         return self.stores[name]
 
 
-class _Tap(fx.Interpreter):
+class _Tap(_Recorder):
     """Records the values of ``wanted`` nodes; with ``gen``, replaces each by random values of
     its mean and spread whose gradient still flows to the original (value of the noise,
     derivative of the identity)."""
 
     def __init__(self, gm, wanted: set[str], gen: torch.Generator | None = None):
-        super().__init__(gm)
-        self.wanted, self.gen = wanted, gen
-        self.values: dict[str, torch.Tensor] = {}
+        super().__init__(gm, wanted, last=None)
+        self.gen = gen
 
     def run_node(self, n):
         out = super().run_node(n)
-        if n.name in self.wanted and isinstance(out, torch.Tensor) and out.is_floating_point():
-            if self.gen is not None:
-                with torch.no_grad():
-                    noise = torch.randn(out.shape, generator=self.gen).to(out) * out.std() + out.mean()
-                out = out + (noise - out).detach()
-            self.values[n.name] = out
+        if self.gen is not None and n.name in self.wanted and isinstance(out, torch.Tensor) \
+                and out.is_floating_point():
+            with torch.no_grad():
+                noise = torch.randn(out.shape, generator=self.gen).to(out) * out.std() + out.mean()
+            out = self.values[n.name] = out + (noise - out).detach()
         return out
 
 
