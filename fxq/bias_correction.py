@@ -6,6 +6,12 @@ costs EfficientNet-Lite0 a quarter of its top-1 agreement). For each quantized l
 on calibration data and with the quantized model's own inputs, mean(conv(x, W_q) - conv(x, W))
 per output channel, and subtract it from the bias. One streaming pass over the data corrects all
 layers at once.
+
+The mean is taken over the output elements that can reach the model's output
+(``fxq.relevance``). A transformer on padded batches computes rows for its padding tokens too;
+their inputs look nothing like real tokens', and on all-MiniLM-L6-v2 they are two thirds of the
+rows, so a mean over every row shifted real tokens' outputs by the padding's error: at W4A32,
+correcting with it lowered the mean cosine to float from 0.9505 (no correction) to 0.9208.
 """
 from __future__ import annotations
 
@@ -18,11 +24,18 @@ from fxq.quantizers import WeightQuantizer
 
 
 class _ShiftRecorder(fx.Interpreter):
-    def __init__(self, gm, layers):
+    def __init__(self, gm, layers, masks=None):
         super().__init__(gm)
         self.layers = layers          # node -> (float weight get_attr target)
+        self.masks = masks            # fxq.relevance.RelevanceMasks of the layers' outputs, or None
         self.sums: dict[fx.Node, torch.Tensor] = {}
-        self.batches = 0
+        self.counts: dict[fx.Node, torch.Tensor] = {}
+        self.batch = 0
+
+    def run(self, *args):
+        out = super().run(*args)
+        self.batch += 1
+        return out
 
     def run_node(self, n):
         out = super().run_node(n)
@@ -32,9 +45,16 @@ class _ShiftRecorder(fx.Interpreter):
             args[1] = ops.get_attr(self.module, self.layers[n])
             ref = n.target(*args, **kwargs)
             diff = (out - ref).detach()
+            weight = torch.ones_like(diff)
+            if self.masks is not None and n.name in self.masks:
+                weight = self.masks.region(n.name)[self.batch].to(diff)
             dim = 1 if ops.is_op(n, ops.CONV_OPS) else -1
-            mean = diff.movedim(dim, 0).reshape(diff.shape[dim], -1).mean(1)
-            self.sums[n] = self.sums.get(n, 0) + mean
+
+            def per_channel(t):
+                return t.movedim(dim, 0).reshape(t.shape[dim], -1).sum(1)
+
+            self.sums[n] = self.sums.get(n, 0) + per_channel(diff * weight)
+            self.counts[n] = self.counts.get(n, 0) + per_channel(weight)
         return out
 
 
@@ -52,13 +72,23 @@ def correct_biases(gm: fx.GraphModule, data: torch.Tensor, max_samples: int = 64
             layers[node] = src.target
     if not layers:
         return {"corrected_layers": 0}
-    rec = _ShiftRecorder(gm, layers)
-    chunks = list(batches(data[:max_samples], graph_batch_size(gm)))
-    for chunk in chunks:
-        rec.run(chunk)
+    from fxq.region_graph import MemoryBudget
+    from fxq.relevance import relevance_masks
+
+    data = data[:max_samples]
+    budget = MemoryBudget(2 << 30)
+    try:
+        masks = relevance_masks(gm, data, [n.name for n in layers], budget)
+        rec = _ShiftRecorder(gm, layers, masks)
+        chunks = list(batches(data, graph_batch_size(gm)))
+        for chunk in chunks:
+            rec.run(chunk)
+    finally:
+        budget.cleanup()
     corrected = 0
     for node, total in rec.sums.items():
-        shift = total / len(chunks)
+        # a channel no relevant element reaches keeps its bias
+        shift = total / rec.counts[node].clamp(min=1)
         bias = ops.layer_bias(node)
         if bias is not None and bias.op == "get_attr":
             old = ops.get_attr(gm, bias.target)
@@ -75,7 +105,8 @@ def correct_biases(gm: fx.GraphModule, data: torch.Tensor, max_samples: int = 64
             node.args = tuple(args)
         corrected += 1
     gm.recompile()
-    return {"corrected_layers": corrected, "samples": len(chunks) * graph_batch_size(gm)}
+    return {"corrected_layers": corrected, "samples": len(chunks) * graph_batch_size(gm),
+            "masked_layers": len(masks.fractions)}
 
 
 @torch.no_grad()

@@ -179,11 +179,12 @@ class _RegionData:
         return total / len(idx), False
 
     @torch.no_grad()
-    def mean_error(self, sub, indices, weighted: bool = False) -> float:
+    def mean_error(self, sub, indices) -> float:
+        """The training loss (weights included) of cached batches ``indices``, no rounding term."""
         losses = []
         for i in indices:
             out = sub(*[self.q_inputs[n][i] for n in self.names])
-            w = self.weight[i] if (weighted and self.weight is not None) else None
+            w = self.weight[i] if self.weight is not None else None
             losses.append(float(_weighted_error(out, self.target[i], w)))
         return sum(losses) / max(len(losses), 1)
 
@@ -283,8 +284,9 @@ def _train_region(sub, data: _RegionData, quantizers, acts, cfg: ReconConfig, se
 def reconstruct(gm: fx.GraphModule, calib: torch.Tensor, cfg: ReconConfig, seed: int = 0,
                 progress=None, checkpoint=None, device: str | torch.device = "cpu") -> list[dict]:
     """Reconstruct every region of ``gm.meta["fxq.regions"]`` in order; returns per-region
-    losses (mean per-sample squared error of the region output on up to 16 cached batches,
-    before and after) and wall times. ``checkpoint`` (a ``fxq.resume.Checkpoint``) restores
+    losses (the trained loss -- squared error of the region output, over the elements that
+    reach the model's output, Fisher-weighted for ``cfg.loss == "fisher"`` -- on up to 16 cached
+    batches, before and after) and wall times. ``checkpoint`` (a ``fxq.resume.Checkpoint``) restores
     finished regions and records each region as it finishes. On a CUDA ``device`` the model,
     the cached values and the training run there; ``gm`` is back on the CPU on return."""
     from fxq.devices import cache_cap, on_device

@@ -99,3 +99,31 @@ def test_loss_weights_vanish_on_masked_elements_and_average_one():
         assert torch.all(w[~mask] == 0) and torch.all(w[mask] > 0)
         assert float(w.mean()) == pytest.approx(1.0, rel=1e-5)
     assert _RegionWeights(None, masks).region("other") is None
+
+
+def test_bias_correction_averages_only_over_rows_that_reach_the_output(monkeypatch):
+    """Padding rows see other inputs than real rows, so their rounding shift differs; correcting
+    with a mean over all rows would shift the real rows' outputs by the padding's error."""
+    from fxq import relevance
+    from fxq.calibrate import run_batched
+
+    torch.manual_seed(0)
+    model = _PaddedPool().eval()
+    x = _padded(64, length=8)
+    x[..., 1:] += (x[..., :1] == 0).to(x.dtype) * 4.0  # padding rows: flag 0, features far off
+    with torch.no_grad():
+        float_out = model(x)
+
+    def output_shift(bias_correction_masks: bool) -> torch.Tensor:
+        if not bias_correction_masks:
+            monkeypatch.setattr(relevance, "relevance_masks",
+                                lambda *a, **k: relevance.RelevanceMasks({}, {}))
+        gm = capture(model, (x[:4],))
+        opts = CompileOptions(weight_bits=3, act_bits=32, first_last_bits=0, method="rtn")
+        gm, _ = quantize_graph(gm, x, opts)
+        monkeypatch.undo()
+        assert gm.meta["fxq.bias_correction"]["masked_layers"] == (2 if bias_correction_masks else 0)
+        return (run_batched(gm, x) - float_out).mean(0)
+
+    masked, unmasked = output_shift(True), output_shift(False)
+    assert float(masked.norm()) < 0.5 * float(unmasked.norm()), (masked, unmasked)
