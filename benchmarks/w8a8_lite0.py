@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import cpu_int8_features, ort_quantize_static  # noqa: E402
 
 from fxq.backends.lower_qdq import lower_qdq  # noqa: E402
-from fxq.backends.tables import host_int8_saturates  # noqa: E402
 from fxq.calibrate import run_batched  # noqa: E402
 from fxq.capture import capture  # noqa: E402
 from fxq.examples.efficientnet_lite0 import INPUT_SHAPE, efficientnet_lite0  # noqa: E402
@@ -98,7 +96,7 @@ def main(argv=None) -> int:
                          "ORT quantize_static reduce_range": rows["ORT quantize_static reduce_range"]["path"]},
                         x, threads=2, warmup=20, runs=args.runs, rounds=10)
 
-    lines = [f"# W8A8 EfficientNet-Lite0: fxq vs ONNX Runtime quantize_static",
+    lines = ["# W8A8 EfficientNet-Lite0: fxq vs ONNX Runtime quantize_static",
              "",
              f"Calibration: {args.calib} crops of the calib photos; evaluation: {args.eval} crops of the "
              f"eval photos (disjoint). CPU: {cpu_int8_features()}; fxq weight range: "

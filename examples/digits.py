@@ -263,21 +263,28 @@ def _shift(x: torch.Tensor, max_px: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _train(arch: str, cfg: dict) -> nn.Module:
-    # One intra-op thread: the same summation order (so the same weights) on every machine, and
-    # no oversubscription slow-down when the cores are shared -- these layers are too small to
-    # gain much from a second thread anyway.
+    return train_classifier(lambda: build_model(arch), cfg)
+
+
+def train_classifier(build, cfg: dict) -> nn.Module:
+    """``build()`` trained on the digits training split with the recipe ``cfg`` (seed, split_seed,
+    epochs, batch, lr, weight_decay, shift_px): AdamW, one-cycle schedule, random shifts.
+
+    One intra-op thread: the same summation order (so the same weights) on every machine, and
+    no oversubscription slow-down when the cores are shared -- these layers are too small to
+    gain much from a second thread anyway."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_1thread(arch, cfg)
+        return _train_1thread(build, cfg)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_1thread(arch: str, cfg: dict) -> nn.Module:
-    torch.manual_seed(cfg["seed"])
+def _train_1thread(build, cfg: dict) -> nn.Module:
+    torch.manual_seed(cfg["seed"])  # before build(): the initial weights come from it too
     gen = torch.Generator().manual_seed(cfg["seed"])
-    model = build_model(arch)
+    model = build()
     data = digits_splits(cfg["split_seed"])
     x, y = data["train_x"], data["train_y"]
     steps_per_epoch = -(-x.shape[0] // cfg["batch"])

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from fxq.examples import digits
 
@@ -63,32 +62,7 @@ def cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _train() -> nn.Module:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same summation order (so the same weights) on every machine
-    try:
-        cfg = RECIPE
-        torch.manual_seed(cfg["seed"])
-        gen = torch.Generator().manual_seed(cfg["seed"])
-        model = build_vit(**cfg["size"])
-        data = digits.digits_splits(cfg["split_seed"])
-        x, y = data["train_x"], data["train_y"]
-        steps = -(-x.shape[0] // cfg["batch"])
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], epochs=cfg["epochs"],
-                                                    steps_per_epoch=steps)
-        model.train()
-        for _ in range(cfg["epochs"]):
-            perm = torch.randperm(x.shape[0], generator=gen)
-            for i in range(0, x.shape[0], cfg["batch"]):
-                idx = perm[i:i + cfg["batch"]]
-                loss = F.cross_entropy(model(digits._shift(x[idx], cfg["shift_px"], gen)), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-        return model.eval()
-    finally:
-        torch.set_num_threads(threads)
+    return digits.train_classifier(lambda: build_vit(**RECIPE["size"]), RECIPE)
 
 
 def trained_vit_digits(cache_dir: str | os.PathLike | None = None, verbose: bool = True) -> nn.Module:

@@ -2,7 +2,7 @@
 with every ActQuantizer observing, then fix scales by the Lp clipping search."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 from torch import fx

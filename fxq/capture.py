@@ -18,8 +18,6 @@ pointing into the original module hierarchy, so qualified names survive.
 """
 from __future__ import annotations
 
-import sys
-import traceback
 from dataclasses import dataclass
 
 import torch

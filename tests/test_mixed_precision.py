@@ -2,7 +2,6 @@
 per-layer precisions in annotate_qspecs and the lowering, and `fxq compile --budget-ms`."""
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np

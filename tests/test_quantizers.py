@@ -1,7 +1,6 @@
 """Quantizer numerics: fxq's fake-quant equals ONNX QuantizeLinear/DequantizeLinear in ONNX
 Runtime, scales come from the clipping search, degenerate inputs never give a broken scale."""
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch

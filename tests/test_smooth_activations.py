@@ -2,7 +2,6 @@
 in float, only where that lowers the quantized error; the ONNX model still matches."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

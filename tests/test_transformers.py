@@ -4,7 +4,6 @@ with torchvision's VisionTransformer class; vit_b_16 in the slow tests), and the
 text encoder all-MiniLM-L6-v2 (skipped when ``fxq[transformers]`` is not installed)."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
