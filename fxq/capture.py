@@ -18,12 +18,17 @@ pointing into the original module hierarchy, so qualified names survive.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
 from .errors import CaptureError
+
+log = logging.getLogger(__name__)
 
 _DATA_DEPENDENT_HINTS = (
     "data-dependent",
@@ -118,10 +123,35 @@ def _capture_error(exc: BaseException, model: nn.Module) -> CaptureError:
     )
 
 
+@contextlib.contextmanager
+def _torch_output_to_debug_log():
+    """On a failed capture torch.export prints the partial graph straight to stderr and logs
+    warnings about the symbols it could not trace; the CaptureError already says what failed and
+    where. Unless fxq's debug log is on (``--debug``: then torch speaks for itself), that text
+    goes to the debug log instead of the user's terminal."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    loggers = [lg for name, lg in list(logging.root.manager.loggerDict.items())
+               if (name == "torch" or name.startswith("torch.")) and isinstance(lg, logging.Logger)]
+    levels = [lg.level for lg in loggers]
+    buf = io.StringIO()
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with contextlib.redirect_stderr(buf):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        if buf.getvalue().strip():
+            log.debug("torch.export said:\n%s", buf.getvalue())
+
+
 def export_model(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
     model = model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _torch_output_to_debug_log():
             return torch.export.export(model, tuple(example_inputs), strict=False)
     except Exception as exc:  # torch raises many exception types here; all mean "not capturable"
         raise _capture_error(exc, model) from exc

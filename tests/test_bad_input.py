@@ -217,6 +217,7 @@ def test_data_dependent_control_flow_names_line_and_fix(capsys, env, tmp_path):
     assert f"{MODULE}.py:" in err and BRANCH_LINE in err          # where
     assert "torch.where" in err and "torch.cond" in err            # what to do instead
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+    assert "def forward" not in err  # torch's partial graph goes to the debug log, not the terminal
 
 
 def test_output_folder_not_writable(capsys, env, tmp_path, monkeypatch, no_load):
