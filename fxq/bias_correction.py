@@ -15,12 +15,16 @@ correcting with it lowered the mean cosine to float from 0.9505 (no correction) 
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import fx, nn
 
 from fxq import ops
 from fxq.calibrate import batches, graph_batch_size
 from fxq.quantizers import WeightQuantizer
+
+log = logging.getLogger(__name__)
 
 
 class _ShiftRecorder(fx.Interpreter):
@@ -73,12 +77,17 @@ def correct_biases(gm: fx.GraphModule, data: torch.Tensor, max_samples: int = 64
     if not layers:
         return {"corrected_layers": 0}
     from fxq.region_graph import MemoryBudget
-    from fxq.relevance import relevance_masks
+    from fxq.relevance import RelevanceMasks, relevance_masks
 
     data = data[:max_samples]
     budget = MemoryBudget(2 << 30)
     try:
-        masks = relevance_masks(gm, data, [n.name for n in layers], budget)
+        try:
+            masks = relevance_masks(gm, data, [n.name for n in layers], budget)
+        except (RuntimeError, NotImplementedError) as exc:
+            # an op without a derivative: no masks, the mean over every element (as before masks)
+            log.debug("bias correction without relevance masks (%s)", exc)
+            masks = RelevanceMasks({}, {})
         rec = _ShiftRecorder(gm, layers, masks)
         chunks = list(batches(data, graph_batch_size(gm)))
         for chunk in chunks:

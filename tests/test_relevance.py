@@ -127,3 +127,19 @@ def test_bias_correction_averages_only_over_rows_that_reach_the_output(monkeypat
 
     masked, unmasked = output_shift(True), output_shift(False)
     assert float(masked.norm()) < 0.5 * float(unmasked.norm()), (masked, unmasked)
+
+
+def test_bias_correction_without_gradients_falls_back_to_every_element(monkeypatch):
+    """An op with no derivative makes the masks unavailable; the correction still runs, over
+    every element, instead of failing the compile."""
+    from fxq import relevance
+
+    def no_derivative(*args, **kwargs):
+        raise RuntimeError("derivative for aten::some_op is not implemented")
+
+    monkeypatch.setattr(relevance, "relevance_masks", no_derivative)
+    x = _padded(16, length=8)
+    gm = capture(_PaddedPool().eval(), (x[:4],))
+    gm, _ = quantize_graph(gm, x, CompileOptions(weight_bits=3, act_bits=32, first_last_bits=0, method="rtn"))
+    stats = gm.meta["fxq.bias_correction"]
+    assert stats["corrected_layers"] == 2 and stats["masked_layers"] == 0
