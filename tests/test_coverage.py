@@ -27,7 +27,10 @@ coverage = _coverage()
 
 def _check(row: dict, kinds: set[str]) -> None:
     assert row["ok"], f"{row['model']} failed at {row['stage']}: {row.get('error')}\n{row.get('traceback', '')}"
-    assert row["onnx_ok"] and row["min_cosine"] >= coverage.COSINE_PASS
+    # the benchmark's parity rule: cosine >= COSINE_PASS, or within a factor of the measured noise
+    # floor (deep random-weight nets such as the Faster R-CNN FPN amplify one-step rounding
+    # differences past 0.99; docs/coverage.md)
+    assert row["onnx_ok"] and all(coverage.agrees(o) for o in row["all_outputs"]), row["all_outputs"]
     assert kinds <= set(row["region_kinds"]), row["region_kinds"]
 
 
