@@ -28,10 +28,10 @@ log = logging.getLogger(__name__)
 
 
 class _ShiftRecorder(fx.Interpreter):
-    def __init__(self, gm, layers, masks=None):
+    def __init__(self, gm, layers, masks):
         super().__init__(gm)
         self.layers = layers          # node -> (float weight get_attr target)
-        self.masks = masks            # fxq.relevance.RelevanceMasks of the layers' outputs, or None
+        self.masks = masks            # fxq.relevance.RelevanceMasks of the layers' outputs
         self.sums: dict[fx.Node, torch.Tensor] = {}
         self.counts: dict[fx.Node, torch.Tensor] = {}
         self.batch = 0
@@ -49,16 +49,18 @@ class _ShiftRecorder(fx.Interpreter):
             args[1] = ops.get_attr(self.module, self.layers[n])
             ref = n.target(*args, **kwargs)
             diff = (out - ref).detach()
-            weight = torch.ones_like(diff)
-            if self.masks is not None and n.name in self.masks:
-                weight = self.masks.region(n.name)[self.batch].to(diff)
             dim = 1 if ops.is_op(n, ops.CONV_OPS) else -1
 
             def per_channel(t):
                 return t.movedim(dim, 0).reshape(t.shape[dim], -1).sum(1)
 
-            self.sums[n] = self.sums.get(n, 0) + per_channel(diff * weight)
-            self.counts[n] = self.counts.get(n, 0) + per_channel(weight)
+            if n.name in self.masks:
+                keep = self.masks.region(n.name)[self.batch].to(diff)
+                total, count = per_channel(diff * keep), per_channel(keep)
+            else:
+                total, count = per_channel(diff), diff.numel() // diff.shape[dim]
+            self.sums[n] = self.sums.get(n, 0) + total
+            self.counts[n] = self.counts.get(n, 0) + count
         return out
 
 
@@ -97,7 +99,7 @@ def correct_biases(gm: fx.GraphModule, data: torch.Tensor, max_samples: int = 64
     corrected = 0
     for node, total in rec.sums.items():
         # a channel no relevant element reaches keeps its bias
-        shift = total / rec.counts[node].clamp(min=1)
+        shift = total / torch.as_tensor(rec.counts[node]).clamp(min=1)
         bias = ops.layer_bias(node)
         if bias is not None and bias.op == "get_attr":
             old = ops.get_attr(gm, bias.target)
