@@ -71,6 +71,7 @@ DEFAULT_SETTINGS = ("W4A32", "W3A32", "W2A32", "W4A8", "W4A4", "W2A4")
 # method label -> CompileOptions fields
 METHODS = {
     "rtn": {"method": "rtn"},
+    "gptq": {"method": "gptq"},
     "adaround": {"method": "adaround"},
     "brecq": {"method": "brecq", "loss": "mse"},
     "brecq-fisher": {"method": "brecq", "loss": "fisher"},
@@ -323,7 +324,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=_csv(MODELS), default=list(DEFAULT_MODELS))
     ap.add_argument("--settings", type=_csv(), default=list(DEFAULT_SETTINGS))
-    ap.add_argument("--methods", type=_csv(tuple(METHODS)), default=[m for m in METHODS if m != "brecq-2stage"])
+    ap.add_argument("--methods", type=_csv(tuple(METHODS)), default=[m for m in METHODS if m not in ("brecq-2stage", "gptq")])
     ap.add_argument("--calib", type=int, default=256, help="calibration samples (all calibrate: holdout 0)")
     ap.add_argument("--eval", type=int, default=1000, help="evaluation samples (digits: at most the 597 test images)")
     ap.add_argument("--iters", type=int, default=None, help="reconstruction steps per region (default: the preset's)")

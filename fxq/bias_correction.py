@@ -64,6 +64,26 @@ class _ShiftRecorder(fx.Interpreter):
         return out
 
 
+def set_layer_bias(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
+    """Make ``value`` the bias of layer ``node``: replace its constant bias, or give a layer
+    without one its own parameter (a computed bias is the caller's to rule out)."""
+    bias = ops.layer_bias(node)
+    assert bias is None or bias.op == "get_attr", f"{node.name}'s bias is computed"
+    if bias is not None:
+        old = ops.get_attr(gm, bias.target)
+        ops.set_attr(gm, bias.target, nn.Parameter(value.detach().to(old.dtype), requires_grad=False))
+        return
+    name = f"{node.name}_bias_correction"
+    gm.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=False))
+    with gm.graph.inserting_before(node):
+        b = gm.graph.get_attr(name)
+    args = list(node.args)
+    while len(args) < 3:
+        args.append(None)
+    args[2] = b
+    node.args = tuple(args)
+
+
 @torch.no_grad()
 def correct_biases(gm: fx.GraphModule, data: torch.Tensor, max_samples: int = 64) -> dict:
     layers = {}
@@ -73,8 +93,8 @@ def correct_biases(gm: fx.GraphModule, data: torch.Tensor, max_samples: int = 64
         wq = node.args[1]
         if wq.op != "call_module" or not isinstance(gm.get_submodule(wq.target), WeightQuantizer):
             continue
-        src = wq.args[0]
-        if src.op == "get_attr":
+        src, bias = wq.args[0], ops.layer_bias(node)
+        if src.op == "get_attr" and (bias is None or bias.op == "get_attr"):
             layers[node] = src.target
     if not layers:
         return {"corrected_layers": 0}
@@ -101,19 +121,8 @@ def correct_biases(gm: fx.GraphModule, data: torch.Tensor, max_samples: int = 64
         # a channel no relevant element reaches keeps its bias
         shift = total / torch.as_tensor(rec.counts[node]).clamp(min=1)
         bias = ops.layer_bias(node)
-        if bias is not None and bias.op == "get_attr":
-            old = ops.get_attr(gm, bias.target)
-            ops.set_attr(gm, bias.target, nn.Parameter(old.detach() - shift.to(old.dtype), requires_grad=False))
-        else:
-            name = f"{node.name}_bias_correction"
-            gm.register_parameter(name, nn.Parameter(-shift, requires_grad=False))
-            with gm.graph.inserting_before(node):
-                b = gm.graph.get_attr(name)
-            args = list(node.args)
-            while len(args) < 3:
-                args.append(None)
-            args[2] = b
-            node.args = tuple(args)
+        old = ops.get_attr(gm, bias.target).detach() if bias is not None else 0.0
+        set_layer_bias(gm, node, old - shift)
         corrected += 1
     gm.recompile()
     return {"corrected_layers": corrected, "samples": len(chunks) * graph_batch_size(gm),

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BACKENDS = ("onnx-qdq", "tensorrt")
-METHODS = ("rtn", "adaround", "brecq", "qdrop")
+METHODS = ("rtn", "gptq", "adaround", "brecq", "qdrop")
 GRANULARITIES = ("layer", "block", "stage", "net")
 LOSSES = ("mse", "fisher")
 PRESETS = ("fast", "paper")

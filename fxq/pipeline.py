@@ -176,6 +176,11 @@ def quantize_graph(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions
         gm = pm.run(gm)
     with timer.stage("calibrate"):
         calibrate_activations(gm, calib, progress=progress)
+    if opts.method == "gptq":
+        from fxq.gptq import gptq_round
+
+        with timer.stage("gptq"):
+            gm.meta["fxq.gptq"] = gptq_round(gm, calib, progress=progress)
     if opts.method in RECONSTRUCTING:
         from fxq.reconstruct import config_for, reconstruct
         from fxq.devices import resolve_device
@@ -192,7 +197,8 @@ def quantize_graph(gm: fx.GraphModule, calib: torch.Tensor, opts: CompileOptions
                                                         checkpoint=ckpt, device=device)
             gm.meta["fxq.reconstruction_config"] = cfg
             gm.meta["fxq.checkpoint"] = ckpt
-    elif opts.bias_correction:  # reconstruction already fits each region's output, shift included
+    elif opts.bias_correction and opts.method != "gptq":
+        # reconstruction already fits each region's output, shift included; GPTQ fits the bias
         from fxq.bias_correction import correct_biases
 
         with timer.stage("bias_correction"):
@@ -376,6 +382,7 @@ def compile_model(loaded, calib, opts: CompileOptions, console=None,
             "first_last_bits": opts.first_last_bits,
             "weight_range": gm.meta.get("fxq.weight_range"),
             "bias_correction": gm.meta.get("fxq.bias_correction"),
+            "gptq": gm.meta.get("fxq.gptq"),
             "calibration_samples": int(calib_set.shape[0]),
             "budget_ms": opts.budget_ms,
             "mixed_precision": _summary(mixed),

@@ -82,19 +82,30 @@ def _gradients(gm: fx.GraphModule, chunk: torch.Tensor, names: list[str], seed: 
 
 
 def relevance_masks(gm: fx.GraphModule, data: torch.Tensor, names: list[str], budget: MemoryBudget,
-                    seed: int = 0) -> RelevanceMasks:
+                    seed: int = 0, rows: bool = False) -> RelevanceMasks:
     """Masks of the elements of nodes ``names`` that can reach the output (see the module
-    docstring), for the nodes where some element structurally cannot."""
+    docstring), for the nodes where some element structurally cannot.
+
+    With ``rows`` the unit is a row of the last dimension (a token of a linear layer's output;
+    masks [..., 1]): a row is irrelevant when none of its elements reaches the output. Element
+    zero sets can move where whole rows' do not: GELU's derivative underflows to exactly 0 for
+    inputs below about -10, so an MLP's first linear layer has moving zeros inside its real
+    tokens, and no element mask, while its padding rows stay zero."""
+    if rows:
+        def grads(*args, **kwargs):
+            return [g.abs().amax(-1, keepdim=True) for g in _gradients(*args, **kwargs)]
+    else:
+        grads = _gradients
     masked: list[str] = []
     stores: dict[str, ValueStore] = {}
     kept: dict[str, int] = {}
     counts: dict[str, int] = {}
     for i, chunk in enumerate(batches(data, graph_batch_size(gm))):
         if i == 0:
-            zero = [g == 0 for g in _gradients(gm, chunk, names, seed, replace=False)]
+            zero = [g == 0 for g in grads(gm, chunk, names, seed, replace=False)]
             moved = [False] * len(names)
             for trial in (1, 2):
-                for j, g in enumerate(_gradients(gm, chunk, names, seed * 7919 + trial, replace=True)):
+                for j, g in enumerate(grads(gm, chunk, names, seed * 7919 + trial, replace=True)):
                     moved[j] = moved[j] or not torch.equal(zero[j], g == 0)
             masked = [n for n, z, m in zip(names, zero, moved) if not m and bool(z.any()) and not bool(z.all())]
             if not masked:
@@ -104,7 +115,7 @@ def relevance_masks(gm: fx.GraphModule, data: torch.Tensor, names: list[str], bu
             stores = {n: ValueStore(f"relevance-{n}", budget) for n in masked}
             kept, counts = dict.fromkeys(masked, 0), dict.fromkeys(masked, 0)
         else:
-            masks = {n: g != 0 for n, g in zip(masked, _gradients(gm, chunk, masked, seed * 7919 + 100 + i,
+            masks = {n: g != 0 for n, g in zip(masked, grads(gm, chunk, masked, seed * 7919 + 100 + i,
                                                                   replace=False))}
         for n in masked:
             stores[n].append(masks[n])

@@ -149,7 +149,7 @@ def test_compile_validates_options_before_loading(capsys, env, tmp_path, no_load
     assert not out_dir.exists()
 
 
-@pytest.mark.parametrize("flag,value", [("--backend", "tflite"), ("--method", "gptq"),
+@pytest.mark.parametrize("flag,value", [("--backend", "tflite"), ("--method", "obq"),
                                         ("--granularity", "layerz"), ("--loss", "l1"),
                                         ("--preset", "slow"), ("--preprocess", "torch"),
                                         ("--tuning", "sequential"),

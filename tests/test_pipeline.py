@@ -169,6 +169,19 @@ def test_reconstruction_lowers_region_loss_and_beats_round_to_nearest(tmp_path, 
     assert rec["verification"]["onnx_vs_fake_quant"]["mean_cosine"] > 0.999
 
 
+def test_gptq_beats_round_to_nearest_and_reaches_onnx_runtime(tmp_path):
+    common = dict(weight_bits=3, act_bits=8, first_last_bits=0, holdout=16)
+    rtn, _ = _compile(tmp_path, "rtn", **common)  # with bias correction, rtn's best
+    gptq, out = _compile(tmp_path, "gptq", method="gptq", **common)
+    assert gptq["gptq"]["rounded_layers"] == 4 and gptq["bias_correction"] is None  # GPTQ fits the biases
+    assert (gptq["verification"]["fake_quant_vs_float"]["mean_cosine"]
+            > rtn["verification"]["fake_quant_vs_float"]["mean_cosine"])
+    assert gptq["verification"]["onnx_vs_fake_quant"]["mean_cosine"] > 0.999
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(out / "model.onnx")).graph.initializer
+               if t.data_type == onnx.TensorProto.INT4]
+    assert weights and all(np.abs(w).max() <= 4 for w in weights)  # the 3-bit grid, stored as int4
+
+
 def test_python_api_takes_any_iterable_of_tensors_and_calib_size(tmp_path):
     samples = list(_calib(40))  # 40 tensors [3, 16, 16]
     opts = CompileOptions(out_dir=tmp_path / "it", calib_size=32, holdout=8)

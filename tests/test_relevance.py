@@ -143,3 +143,23 @@ def test_bias_correction_without_gradients_falls_back_to_every_element(monkeypat
     gm, _ = quantize_graph(gm, x, CompileOptions(weight_bits=3, act_bits=32, first_last_bits=0, method="rtn"))
     stats = gm.meta["fxq.bias_correction"]
     assert stats["corrected_layers"] == 2 and stats["masked_layers"] == 0
+
+
+class _UnderflowingGelu(_PaddedPool):
+    """fc1's output goes through a GELU whose input is below -10 on some real tokens: its
+    derivative is exactly 0 there, and the zeros move with the values."""
+
+    def forward(self, x):
+        keep = (x[..., :1] != 0).to(x.dtype)
+        h = self.fc2(torch.nn.functional.gelu(self.fc1(x) * 20.0))
+        return (h * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+
+def test_row_masks_exist_where_element_zeros_move():
+    x = _padded(8)
+    gm = _traced(_UnderflowingGelu(), x[:4])
+    elements = relevance_masks(gm, x, ["fc1"], MemoryBudget(1 << 26))
+    assert "fc1" not in elements  # some real tokens' elements have a zero derivative too
+    rows = relevance_masks(gm, x, ["fc1"], MemoryBudget(1 << 26), rows=True)
+    got = torch.cat([rows.region("fc1")[i] for i in range(2)])
+    assert got.shape == (8, 5, 1) and torch.equal(got, x[..., :1] != 0)
