@@ -75,8 +75,8 @@ def _supported(node: fx.Node) -> str | None:
     """Why GPTQ cannot round this layer, or None."""
     if ops.is_op(node, ops.LINEAR_OPS):
         return None
-    if node.target not in (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default):
-        return f"{node.target} is not a 1-d/2-d convolution or a linear layer"
+    if node.target != torch.ops.aten.conv2d.default:
+        return f"{node.target} is not a 2-d convolution or a linear layer"
     if isinstance(_conv_params(node)["padding"], str):
         return "string padding"
     return None
@@ -88,14 +88,8 @@ def _columns(node: fx.Node, x: torch.Tensor, weight_shape, chunk: int):
         yield 0, x.reshape(-1, x.shape[-1]).T.unsqueeze(0)
         return
     p = _conv_params(node)
-    if x.dim() == 3:  # conv1d as a conv2d of height 1
-        x = x.unsqueeze(2)
-        kernel = (1, weight_shape[2])
-        stride, padding, dilation = ((1, _one(p[k])) for k in ("stride", "padding", "dilation"))
-    else:
-        kernel = tuple(weight_shape[2:])
-        stride, padding, dilation = p["stride"], p["padding"], p["dilation"]
-    groups = p["groups"]
+    kernel, groups = tuple(weight_shape[2:]), p["groups"]
+    stride, padding, dilation = p["stride"], p["padding"], p["dilation"]
     per_group = x.shape[1] // groups
     for g0 in range(0, groups, chunk):
         g1 = min(groups, g0 + chunk)
@@ -104,10 +98,6 @@ def _columns(node: fx.Node, x: torch.Tensor, weight_shape, chunk: int):
         n, _, length = cols.shape
         cols = cols.reshape(n, g1 - g0, -1, length).permute(1, 2, 0, 3).reshape(g1 - g0, -1, n * length)
         yield g0, cols
-
-
-def _one(v):
-    return v[0] if isinstance(v, (list, tuple)) else v
 
 
 def _row_weights(node: fx.Node, keep: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:

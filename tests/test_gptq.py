@@ -111,3 +111,24 @@ def test_a_free_bias_column_absorbs_the_mean_error():
     plain, _ = gptq_rows(w[None], scale[None], (x.T @ x)[None], -8, 7)
     plain_mean_error = (w @ x.T - (plain[0] * scale) @ x.T).mean(1)
     assert float(mean_error.abs().max()) < 0.1 * float(plain_mean_error.abs().max())
+
+
+def test_grouped_convolution_gets_one_hessian_per_group():
+    import torch.nn.functional as F
+    from torch import nn
+
+    from fxq import ops
+    from fxq.capture import capture
+    from fxq.gptq import layer_statistics
+
+    conv = nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=3, bias=False).eval()
+    x = torch.randn(2, 6, 7, 7, generator=torch.Generator().manual_seed(9))
+    gm = capture(conv, (x,))
+    node = next(n for n in gm.graph.nodes if ops.is_op(n, ops.CONV_OPS))
+    hessian, cross = layer_statistics(node, [x, x], conv.weight.shape, 3, chunk=2)  # chunks of 2, then 1 group
+    assert hessian.shape == (2, 3, 18, 18) and cross is None
+    for g in range(3):
+        cols = F.unfold(x[:, 2 * g:2 * g + 2], 3, padding=1, stride=2)  # [N, 18, L]
+        want = torch.einsum("nil,njl->ij", cols, cols).double()
+        assert torch.allclose(hessian[0, g], want, rtol=1e-5, atol=1e-4)
+        assert torch.allclose(hessian[1, g], want, rtol=1e-5, atol=1e-4)  # the odd batch: the same x
