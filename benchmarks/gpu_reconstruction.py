@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_reconstruction.py [--device cuda] [--models resnet18,lite0]
         [--setting W4A4] [--pilot-iters 200] [--quality lite0] [--budget-s 300] [--eval 500]
-        [--out bench-out/gpu]
+        [--quality-presets fast,paper,fast:2000] [--out bench-out/gpu]
 
 The paper preset is 20,000 iterations per region at batch 32 on 1024 calibration samples: about
 40 CPU-hours for EfficientNet-Lite0 on a 2-core machine, which is why fxq's default is ``fast``.
@@ -16,7 +16,8 @@ This script measures what it costs where the papers ran it, a GPU, in three step
    projection is linear; the pilot's own totals are printed beside it.
 2. **Quality** (models in ``--quality``, with real weights: ``lite0``): the same compile with as
    many iterations as fit in ``--budget-s`` by the pilot's per-iteration times (capped at 20,000),
-   beside the ``fast`` preset on the same device, both evaluated in ONNX Runtime on ``--eval``
+   beside the ``fast`` preset on the same device (``--quality-presets``; ``fast:2000`` is the fast
+   preset's batch, samples and rates at 2,000 iterations), all evaluated in ONNX Runtime on ``--eval``
    crops of the evaluation photos (top-1 agreement with the float model, mean KL).
 
 Models: ``resnet18`` is torchvision's ResNet-18 with random weights (fixed seed; nothing is ever
@@ -155,7 +156,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="seconds of training the quality run may take (sets its iterations)")
     ap.add_argument("--quality-iters", type=int, help="iterations of the quality run (default: from --budget-s)")
-    ap.add_argument("--quality-presets", default="fast,paper", help="presets of the quality runs")
+    ap.add_argument("--quality-presets", default="fast,paper",
+                    help="quality runs: comma-separated presets, each optionally PRESET:ITERS (fast:2000); "
+                         "a bare 'paper' gets the iterations from --budget-s or --quality-iters")
     ap.add_argument("--eval", type=int, default=500)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="ONNX Runtime threads for evaluation")
     ap.add_argument("--out", default="bench-out/gpu")
@@ -192,9 +195,10 @@ def main(argv=None) -> int:
         else:
             per_iter = sum(r["train_seconds"] for r in p["regions"]) / p["iters"]
             iters = int(min(PAPER_ITERS, max(p["iters"], args.budget_s / per_iter // 100 * 100)))
-        runs = {"fast": None, "paper": iters}
-        for preset, n in [(k, runs[k]) for k in args.quality_presets.split(",") if k]:
-            label = f"{name}-{preset}"
+        for spec in [k for k in args.quality_presets.split(",") if k]:
+            preset, _, given = spec.partition(":")
+            n = int(given) if given else (iters if preset == "paper" else None)
+            label = f"{name}-{preset}" + (f"-{given}" if given else "")
             print(f"[quality] {label}: {n if n is not None else PRESETS[preset].iters} iterations/region", flush=True)
             rep = compile_once(name, calib, args.setting, device, out / label, preset=preset, iters=n)
             cfg = rep["reconstruction"]
